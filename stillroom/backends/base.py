@@ -1,0 +1,40 @@
+"""The backend contract: anything that answers chat messages. Teacher and student are both backends."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+__all__ = ["BackendError", "ChatBackend", "Completion"]
+
+
+@dataclass
+class Completion:
+    """One answer, with what it cost: tokens as the backend counted them and wall-clock latency."""
+
+    text: str
+    input_tokens: int
+    output_tokens: int
+    latency_ms: float
+    model: str  # the model that actually answered, as the backend names it
+
+
+class BackendError(Exception):
+    """A backend could not answer. `status_code` is the upstream HTTP status where there was one;
+    `retryable` says whether the same call may succeed later (timeouts, 429, 5xx)."""
+
+    def __init__(self, message: str, status_code: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.retryable = retryable
+
+
+@runtime_checkable
+class ChatBackend(Protocol):
+    """Answers a list of OpenAI-style chat messages. `name` says what answers (a model name)."""
+
+    name: str
+
+    async def chat(self, messages: list[dict], max_tokens: int | None = None,
+                   temperature: float | None = None) -> Completion: ...

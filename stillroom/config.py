@@ -1,0 +1,264 @@
+"""Project configuration (`stillroom.yaml`): typed models, loading, and errors that name the field.
+
+A bad file yields one line per problem -- the field path, the value found, and what was expected --
+and nothing runs.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from stillroom.errors import StillroomError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_FILE = "stillroom.yaml"
+WORKSPACE_DIR = ".stillroom"
+HIGH_STAKES_GAP_POINTS = 1.0
+DEFAULT_GAP_POINTS = 3.0
+
+
+class ConfigError(StillroomError):
+    """The project file is unusable; `problems` holds one human sentence per problem."""
+
+    def __init__(self, path: Path | str, problems: list[str]):
+        self.path = str(path)
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{self.path} has {len(problems)} problem(s):\n{lines}")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelSpec(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-\.]+$")]
+    description: str = ""
+
+
+class TaskConfig(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    type: Literal["classification"] = "classification"
+    labels: list[LabelSpec]
+    teacher_prompt: str = (
+        "Classify the message into exactly one of these labels:\n{label_descriptions}\n\n"
+        "Message: {input}\n\nAnswer with the label name only."
+    )
+    student_input_format: str = "{input}"
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_usable(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
+        if len(labels) < 2:
+            raise ValueError("at least 2 labels are needed for a classification task")
+        names = [label.name for label in labels]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"label names must be unique; repeated: {', '.join(dupes)}")
+        return labels
+
+    @field_validator("teacher_prompt", "student_input_format")
+    @classmethod
+    def _has_input_slot(cls, template: str) -> str:
+        try:
+            fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+        except ValueError as exc:
+            raise ValueError(f"not a valid template ({exc}); write literal braces as '{{{{' and '}}}}'")
+        if "input" not in fields:
+            raise ValueError("the template must contain the placeholder {input}")
+        unknown = fields - {"input", "labels", "label_descriptions"}
+        if unknown:
+            raise ValueError(
+                f"unknown placeholder(s) {sorted(unknown)}; allowed: {{input}}, {{labels}}, {{label_descriptions}}"
+            )
+        return template
+
+    @property
+    def label_names(self) -> list[str]:
+        return [label.name for label in self.labels]
+
+
+class TeacherConfig(_Strict):
+    backend: Literal["openai", "local", "recorded"] = "recorded"
+    model: str = "teacher"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    price_per_million_input_tokens: Annotated[float, Field(ge=0)] = 2.50
+    price_per_million_output_tokens: Annotated[float, Field(ge=0)] = 10.00
+    timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_tokens: Annotated[int, Field(gt=0)] = 16
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "TeacherConfig":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. https://api.openai.com/v1)")
+        return self
+
+
+class StudentConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")]
+    kind: Literal["encoder", "lora"]
+    # encoder
+    head: Literal["logreg", "mlp"] = "logreg"
+    # lora
+    base_model: str = "smollm2-135m-instruct"
+    rank: Annotated[int, Field(gt=0)] = 16
+    alpha: Annotated[int, Field(gt=0)] = 32
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-4
+    epochs: Annotated[int, Field(gt=0, le=50)] = 3
+    batch_size: Annotated[int, Field(gt=0)] = 8
+    seed: int = 0
+
+
+class SplitConfig(_Strict):
+    train: Annotated[float, Field(gt=0, lt=1)] = 0.6
+    validation: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    calibration: Annotated[float, Field(gt=0, lt=1)] = 0.1
+    eval: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    seed: int = 0
+    human_labelled_to_eval: bool = True  # human-reviewed examples form the gold eval set first
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> "SplitConfig":
+        total = self.train + self.validation + self.calibration + self.eval
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + validation + calibration + eval must sum to 1, got {total:g}")
+        return self
+
+
+class GateConfig(_Strict):
+    preset: Literal["standard", "high_stakes"] = "standard"
+    max_gap_points: Annotated[float | None, Field(ge=0, le=100)] = None
+    reference: Literal["auto", "human", "teacher"] = "auto"
+    min_human_examples: Annotated[int, Field(ge=1)] = 30
+
+    @property
+    def allowed_gap_points(self) -> float:
+        if self.max_gap_points is not None:
+            return self.max_gap_points
+        return HIGH_STAKES_GAP_POINTS if self.preset == "high_stakes" else DEFAULT_GAP_POINTS
+
+
+class RoutingConfig(_Strict):
+    target_agreement: Annotated[float, Field(gt=0, le=1)] = 0.99
+    student: str | None = None  # which student serves; default: the best one that passed the gate
+
+
+class CostConfig(_Strict):
+    student_hosting_per_hour: Annotated[float, Field(ge=0)] = 0.10
+    project_cost: Annotated[float, Field(ge=0)] = 2000.0
+
+
+class VolumeConfig(_Strict):
+    requests_per_month: Annotated[int, Field(ge=0)] = 1_000_000
+    input_tokens_per_request: Annotated[int, Field(ge=0)] = 150
+    output_tokens_per_request: Annotated[int, Field(ge=0)] = 5
+
+
+class DataSource(_Strict):
+    """A file `stillroom run` imports (paths relative to the project folder)."""
+
+    path: Annotated[str, Field(min_length=1)]
+    role: Literal["teacher", "human"] = "teacher"  # whose answers the file's outputs are
+    input_column: str = "input"
+    output_column: str = "output"
+
+
+class DatabaseConfig(_Strict):
+    url: str | None = None  # default: sqlite file in the workspace; STILLROOM_DB_URL overrides
+
+
+class ProjectConfig(_Strict):
+    task: TaskConfig
+    data: list[DataSource] = Field(default_factory=list)
+    teacher: TeacherConfig = TeacherConfig()
+    students: list[StudentConfig] = Field(
+        default_factory=lambda: [StudentConfig(name="encoder", kind="encoder")]
+    )
+    split: SplitConfig = SplitConfig()
+    gate: GateConfig = GateConfig()
+    routing: RoutingConfig = RoutingConfig()
+    costs: CostConfig = CostConfig()
+    volume: VolumeConfig = VolumeConfig()
+    database: DatabaseConfig = DatabaseConfig()
+
+    @field_validator("students")
+    @classmethod
+    def _unique_students(cls, students: list[StudentConfig]) -> list[StudentConfig]:
+        if not students:
+            raise ValueError("at least one student is needed")
+        names = [s.name for s in students]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"student names must be unique; repeated: {', '.join(dupes)}")
+        return students
+
+    @model_validator(mode="after")
+    def _routing_student_exists(self) -> "ProjectConfig":
+        names = [s.name for s in self.students]
+        if self.routing.student is not None and self.routing.student not in names:
+            raise ValueError(
+                f"routing.student '{self.routing.student}' is not one of the students: {', '.join(names)}"
+            )
+        return self
+
+    def student(self, name: str) -> StudentConfig:
+        for s in self.students:
+            if s.name == name:
+                return s
+        raise ConfigError(CONFIG_FILE, [f"no student named '{name}' in stillroom.yaml (have: {', '.join(s.name for s in self.students)})"])
+
+    def database_url(self, workspace: Path) -> str:
+        return (
+            os.environ.get("STILLROOM_DB_URL")
+            or self.database.url
+            or f"sqlite:///{(workspace / 'stillroom.db').resolve()}"
+        )
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problem(err: dict) -> str:
+    loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    kind = err["type"]
+    if kind == "missing":
+        return f"{loc}: missing; this field is required"
+    if kind == "extra_forbidden":
+        return f"{loc}: unknown field (value {_describe(err['input'])}); check the spelling"
+    msg = err["msg"].removeprefix("Value error, ")
+    msg = msg[0].lower() + msg[1:] if msg else "invalid value"
+    return f"{loc}: {msg} (got {_describe(err['input'])})"
+
+
+def parse_config(data: Any, source: Path | str = CONFIG_FILE) -> ProjectConfig:
+    """Validate an already-parsed mapping; raises ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(source, [f"the file must hold a mapping of sections, got {type(data).__name__}"])
+    try:
+        return ProjectConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(source, [_problem(e) for e in exc.errors()]) from None
+
+
+def load_config(path: Path) -> ProjectConfig:
+    """Read and validate `stillroom.yaml`."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(path, [f"no such file; run `stillroom init {path.parent}` to create one"])
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(path, [f"{where}not valid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text ({exc})"]) from None
+    return parse_config(data, path)

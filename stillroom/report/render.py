@@ -1,0 +1,413 @@
+"""The report: one Markdown and one self-contained HTML file saying what was measured, whether a
+student may be deployed, how much traffic it can take and what that saves.
+
+Everything shown is read back from the store (counts, the eval lock, each student's newest
+evaluation) and recomputed where it is cheap (gate verdicts, economics), so the report never
+disagrees with `stillroom gate`. `summary` in the return value is the same content for scripts.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+from pathlib import Path
+
+from stillroom.curate.lock import active_lock
+from stillroom.economics.costs import economics
+from stillroom.evaluate.evaluator import latest_evaluation
+from stillroom.evaluate.gate import decide
+from stillroom.project import Project
+from stillroom.store.records import counts, latest_run
+
+TEMPLATES = Path(__file__).parent / "templates"
+MAX_ERRORS_SHOWN = 10
+MAX_INPUT_SHOWN = 300
+PLOTS = ("confusion", "coverage", "cost")
+
+
+# ---- formatting, shared by the Markdown writer and the template --------------------------------
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x * 100:.{digits}f}%"
+
+
+def money(x: float | None) -> str:
+    """$1,234.56 for amounts, three significant digits below a dollar ($0.00179)."""
+    if x is None:
+        return "—"
+    sign = "-" if x < 0 else ""
+    x = abs(x)
+    if x == 0 or x >= 1 or (x >= 0.01 and round(x, 2) == x):
+        return f"{sign}${x:,.2f}"
+    return f"{sign}${x:.3g}" if x >= 1e-4 else f"{sign}${x:.2e}"
+
+
+def num(x: float | None, digits: int = 2) -> str:
+    return "—" if x is None else f"{x:,.{digits}f}"
+
+
+def payback(months: float | None) -> str:
+    if months is None:
+        return "never (the routed setup costs at least as much as the teacher alone)"
+    if months == 0:
+        return "immediately (no project cost)"
+    return f"{months:.1f} months"
+
+
+def clip(text: str, limit: int = MAX_INPUT_SHOWN) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _md_cell(text) -> str:
+    """User text inside a Markdown table cell: one line, no raw HTML, pipes escaped."""
+    text = clip(str(text))
+    for a, b in (("\\", "\\\\"), ("|", "\\|"), ("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("`", "\\`")):
+        text = text.replace(a, b)
+    return text
+
+
+# ---- gathering --------------------------------------------------------------------------------
+
+def _missing_stages(data: dict, lock, students: list[dict]) -> list[str]:
+    missing = []
+    if not data["examples"]:
+        missing.append("import: no data yet; run `stillroom import FILE`")
+    elif not data["teacher_labelled"]:
+        missing.append("label: no example has a teacher label; import the teacher's recorded answers")
+    if data["teacher_labelled"] and not any(data["splits"].values()):
+        missing.append("split: nothing is split into train/validation/calibration/eval; run `stillroom split`")
+    if lock is None:
+        missing.append("lock: the eval set is not locked; run `stillroom lock`")
+    for s in students:
+        if s["status"] == "not trained":
+            missing.append(f"train: student '{s['name']}' is not trained; run `stillroom train {s['name']}`")
+        elif s["status"] == "not evaluated":
+            missing.append(f"eval: student '{s['name']}' is trained but not evaluated; run `stillroom eval {s['name']}`")
+    return missing
+
+
+def _student_row(project: Project, student, run: dict | None) -> dict:
+    row = {"name": student.name, "kind": student.kind, "status": "not trained", "evaluation": None,
+           "gate": None, "gate_error": None, "stale": False}
+    if run is None:
+        return row
+    evaluation = latest_evaluation(project, student.name)
+    if evaluation is None:
+        row["status"] = "not evaluated"
+        return row
+    row.update(status="evaluated", evaluation=evaluation, stale=bool(evaluation.get("stale")))
+    try:
+        row["gate"] = decide(evaluation, project.config.gate).as_dict()
+    except ValueError as exc:  # e.g. gate.reference 'human' without human labels
+        row["gate_error"] = str(exc)
+    return row
+
+
+def _choose(project: Project, rows: list[dict]) -> tuple[dict | None, str]:
+    configured = project.config.routing.student
+    if configured:
+        return next(r for r in rows if r["name"] == configured), "set as routing.student in stillroom.yaml"
+    evaluated = [r for r in rows if r["evaluation"]]
+    if not evaluated:
+        return None, "no student has been evaluated"
+    by_agreement = lambda r: r["evaluation"]["agreement"] or 0.0  # noqa: E731
+    passing = [r for r in evaluated if r["gate"] and r["gate"]["passed"]]
+    if passing:
+        return max(passing, key=by_agreement), "best agreement with the teacher among students that pass the gate"
+    return max(evaluated, key=by_agreement), "best agreement with the teacher; no student passes the gate"
+
+
+def _verdict(chosen: dict | None, econ, missing: list[str]) -> dict:
+    if chosen is None:
+        stages = sorted({m.split(":")[0] for m in missing})
+        return {"student": None, "passed": None, "coverage": None, "monthly_savings": None,
+                "message": "No student has been evaluated yet; missing stages: " + (", ".join(stages) or "none")}
+    name = chosen["name"]
+    ev = chosen["evaluation"]
+    if ev is None:
+        return {"student": name, "passed": None, "coverage": None, "monthly_savings": None,
+                "message": f"Student '{name}' (routing.student) is {chosen['status']}; nothing to deploy yet."}
+    gate = chosen["gate"]
+    passed = bool(gate and gate["passed"])
+    coverage = ev["at_threshold"]["coverage"]
+    savings = econ.monthly_savings if econ else None
+    money_part = ""
+    if econ:
+        money_part = (f", saving {money(savings)}/month" if savings > 0
+                      else f", costing {money(-savings)}/month more than the teacher alone")
+    if passed:
+        message = (f"Deploy '{name}' ({chosen['kind']}): PASS the gate; it answers {pct(coverage)} of "
+                   f"requests at threshold {ev['at_threshold']['threshold']:.2f}{money_part}.")
+    else:
+        why = gate["message"].removeprefix("FAIL: ") if gate else chosen["gate_error"]
+        message = f"Do not deploy yet: '{name}' ({chosen['kind']}) FAILS the gate ({why}). If deployed: {pct(coverage)} coverage{money_part}."
+    return {"student": name, "passed": passed, "coverage": coverage, "monthly_savings": savings,
+            "message": message}
+
+
+def gather(project: Project) -> dict:
+    """Everything the report shows, as plain data (also the machine-readable summary's source)."""
+    cfg = project.config
+    with project.store.engine.connect() as conn:
+        data = counts(conn)
+        lock = active_lock(conn)
+        runs = {s.name: latest_run(conn, s.name) for s in cfg.students}
+    rows = [_student_row(project, s, runs[s.name]) for s in cfg.students]
+    chosen, chosen_reason = _choose(project, rows)
+    missing = _missing_stages(data, lock, rows)
+
+    ev = chosen["evaluation"] if chosen else None
+    econ, econ_note = None, None
+    if ev is None:
+        econ_note = "needs an evaluated student (its throughput and coverage)"
+    else:
+        ips = (ev.get("throughput") or {}).get("inputs_per_s")
+        try:
+            econ = economics(cfg.teacher, cfg.costs, cfg.volume, ips, ev["at_threshold"]["coverage"])
+        except ValueError as exc:
+            econ_note = f"cannot be computed: {exc}"
+
+    errors = []
+    if ev:
+        errors = [dict(e, input=clip(e["input"])) for e in ev.get("errors", [])[:MAX_ERRORS_SHOWN]]
+        confusion = ev["vs_teacher"]["confusion"]
+        n_errors = ev["vs_teacher"]["n"] - sum(confusion[i][i] for i in range(len(confusion)))
+    return {
+        "task": cfg.task.name,
+        "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "teacher_model": cfg.teacher.model,
+        "data": data,
+        "lock": lock.as_dict() if lock else None,
+        "students": rows,
+        "chosen": chosen,
+        "chosen_reason": chosen_reason,
+        "evaluation": ev,
+        "economics": econ,
+        "economics_note": econ_note,
+        "errors": errors,
+        "n_errors": n_errors if ev else 0,
+        "missing": missing,
+        "verdict": _verdict(chosen, econ, missing),
+        "gate_config": {"preset": cfg.gate.preset, "allowed_gap_points": cfg.gate.allowed_gap_points,
+                        "reference": cfg.gate.reference, "min_human_examples": cfg.gate.min_human_examples},
+        "target_agreement": cfg.routing.target_agreement,
+    }
+
+
+def _summary(ctx: dict) -> dict:
+    ev = ctx["evaluation"]
+    students = []
+    for r in ctx["students"]:
+        e = r["evaluation"]
+        students.append({
+            "name": r["name"], "kind": r["kind"], "status": r["status"], "stale": r["stale"],
+            "agreement": e["agreement"] if e else None,
+            "macro_f1": e["vs_teacher"]["macro_f1"] if e else None,
+            "vs_human": ({k: e["vs_human"][k] for k in ("n", "student_accuracy", "teacher_accuracy")}
+                         if e else None),
+            "gate": r["gate"], "gate_error": r["gate_error"],
+        })
+    return {
+        "task": ctx["task"],
+        "generated_at": ctx["generated_at"],
+        "verdict": ctx["verdict"],
+        "chosen_student": ctx["chosen"]["name"] if ctx["chosen"] else None,
+        "chosen_reason": ctx["chosen_reason"],
+        "data": ctx["data"],
+        "lock": ctx["lock"],
+        "students": students,
+        "routing": ({"calibration": ev["calibration"], "eval_at_threshold": ev["at_threshold"]} if ev else None),
+        "economics": ctx["economics"].as_dict() if ctx["economics"] else None,
+        "missing_stages": ctx["missing"],
+    }
+
+
+# ---- plots ------------------------------------------------------------------------------------
+
+def _plots(ctx: dict) -> tuple[dict[str, bytes], str | None]:
+    """PNG bytes per plot name; a note instead when matplotlib is not installed."""
+    ev, econ = ctx["evaluation"], ctx["economics"]
+    if ev is None and econ is None:
+        return {}, None
+    try:
+        from stillroom.report import plots
+    except ImportError:  # pragma: no cover - matplotlib is the optional `report` extra
+        return {}, "plots need matplotlib: pip install 'stillroom[report]'"
+    try:
+        out = {}
+        if ev:
+            out["confusion"] = plots.confusion_png(ev["vs_teacher"]["confusion"], ev["vs_teacher"]["labels"],
+                                                   f"'{ev['student']}' vs teacher (eval split)")
+            out["coverage"] = plots.coverage_png(ev["coverage_curve"], ev["calibration"]["threshold"],
+                                                 ev["calibration"]["target"])
+        if econ:
+            out["cost"] = plots.cost_png(econ.teacher_only_monthly, econ.student_hosting_monthly,
+                                         econ.teacher_fallback_monthly)
+    except ImportError:
+        return {}, "plots need matplotlib: pip install 'stillroom[report]'"
+    return out, None
+
+
+# ---- Markdown ---------------------------------------------------------------------------------
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _gate_text(row: dict) -> str:
+    gate = row["gate"]
+    if gate is None:
+        return f"ERROR: {row['gate_error']}" if row["gate_error"] else "—"
+    word = "PASS" if gate["passed"] else "FAIL"
+    stale = ", stale eval" if gate["stale"] else ""
+    return f"{word} (gap {gate['gap_points']:.2f} / allowed {gate['allowed_points']:g} pts, vs {gate['reference']}{stale})"
+
+
+def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> str:
+    ev, econ, data, lock = ctx["evaluation"], ctx["economics"], ctx["data"], ctx["lock"]
+    L = [f"# stillroom report: {_md_cell(ctx['task'])}", "", f"Generated {ctx['generated_at']}.", "",
+         f"**Verdict:** {ctx['verdict']['message']}", ""]
+    if ctx["missing"]:
+        L += ["**Missing stages:**", ""] + [f"- {m}" for m in ctx["missing"]] + [""]
+
+    L += ["## Data", ""]
+    L += _table(["", "count"], [
+        ["examples", data["examples"]], ["teacher-labelled", data["teacher_labelled"]],
+        ["human-labelled", data["human_labelled"]], ["unlabelled", data["unlabelled"]],
+        *[[f"split: {s}", n] for s, n in data["splits"].items()],
+    ])
+    if lock:
+        L += [f"Eval lock {lock['id']}: {lock['n_examples']} examples, manifest SHA-256 `{lock['manifest_sha256']}` "
+              f"({_md_cell(lock['reason'])}, {lock['created_at']}).", ""]
+    else:
+        L += ["The eval set is not locked.", ""]
+
+    L += ["## Students on the locked eval set", ""]
+    rows = []
+    for r in ctx["students"]:
+        e = r["evaluation"]
+        if e is None:
+            rows.append([r["name"], r["kind"], r["status"], "", "", "", "", ""])
+            continue
+        h = e["vs_human"]
+        rows.append([r["name"] + (" (stale)" if r["stale"] else ""), r["kind"], pct(e["agreement"]),
+                     pct(e["vs_teacher"]["macro_f1"]), pct(h["student_accuracy"]), pct(h["teacher_accuracy"]),
+                     h["n"], _md_cell(_gate_text(r))])
+    L += _table(["student", "kind", "agreement with teacher", "macro-F1 (vs teacher)", "student vs human",
+                 "teacher vs human", "n human", "gate"], rows)
+    g = ctx["gate_config"]
+    L += [f"Gate: preset {g['preset']}, allowed gap {g['allowed_gap_points']:g} points, reference {g['reference']} "
+          f"(human labels are used from {g['min_human_examples']} on). A stale evaluation ran against an older "
+          "eval lock and fails the gate until re-run.", ""]
+
+    if ctx["chosen"]:
+        L += [f"Chosen student: **{_md_cell(ctx['chosen']['name'])}** ({ctx['chosen_reason']}).", ""]
+    if ev:
+        vt = ev["vs_teacher"]
+        L += [f"## Per-class results: {_md_cell(ev['student'])} vs teacher", ""]
+        L += _table(["label", "precision", "recall", "F1", "support"], [
+            [_md_cell(label), pct(m["precision"]), pct(m["recall"]), pct(m["f1"]), m["support"]]
+            for label, m in vt["per_class"].items()])
+        L += ["Confusion matrix (rows: teacher, columns: student):", ""]
+        L += _table(["teacher \\ student", *[_md_cell(x) for x in vt["labels"]]],
+                    [[_md_cell(label), *row] for label, row in zip(vt["labels"], vt["confusion"])])
+        if "confusion" in plot_files:
+            L += [f"![confusion matrix]({plot_files['confusion']})", ""]
+
+        cal, at = ev["calibration"], ev["at_threshold"]
+        L += ["## Routing", ""]
+        serves_nothing = " (no threshold meets the target: the student serves nothing)" if cal["threshold"] > 1 else ""
+        L += _table(["", "value"], [
+            ["confidence threshold", f"{cal['threshold']:.4f}{serves_nothing}"],
+            ["target agreement", pct(cal["target"])],
+            ["coverage on calibration", f"{pct(cal['coverage'])} of {cal['n']}"],
+            ["agreement on calibration (covered)", pct(cal["agreement"])],
+            ["coverage on eval", f"{pct(at['coverage'])} of {at['n']}"],
+            ["student agreement on eval (covered)", pct(at["student_agreement_on_covered"])],
+            ["routed system agreement on eval", pct(at["system_agreement"])],
+        ])
+        if cal["target"] != ctx["target_agreement"]:
+            L += [f"Note: stillroom.yaml now targets {pct(ctx['target_agreement'])}; re-run `stillroom eval` "
+                  "or `stillroom calibrate` to re-pick the threshold.", ""]
+        if "coverage" in plot_files:
+            L += [f"![coverage vs agreement]({plot_files['coverage']})", ""]
+
+    L += ["## Money", ""]
+    if econ:
+        L += _table(["", "value"], [
+            ["teacher $ per million tokens", money(econ.teacher_per_million_tokens)],
+            ["student $ per million tokens", money(econ.student_per_million_tokens)],
+            ["teacher / student cost ratio", f"{num(econ.cost_ratio, 1)}x" if econ.cost_ratio else "—"],
+            ["monthly cost, teacher only", money(econ.teacher_only_monthly)],
+            ["monthly cost, routed", f"{money(econ.routed_monthly)} (student {money(econ.student_hosting_monthly)} "
+                                     f"+ teacher fallback {money(econ.teacher_fallback_monthly)})"],
+            ["monthly savings", money(econ.monthly_savings)],
+            ["annual savings", money(econ.annual_savings)],
+            ["payback", f"{payback(econ.payback_months)} on a project cost of {money(econ.project_cost)}"],
+        ])
+        L += ["Assumptions: " + _assumptions(econ), ""]
+        if "cost" in plot_files:
+            L += [f"![monthly cost]({plot_files['cost']})", ""]
+    else:
+        L += [f"Economics {ctx['economics_note']}.", ""]
+
+    if ev:
+        L += [f"## Sample of eval errors ({len(ctx['errors'])} of {ctx['n_errors']})", ""]
+        if ctx["errors"]:
+            L += _table(["input", "teacher", "student", "confidence", "human"], [
+                [_md_cell(e["input"]), _md_cell(e["teacher"]), _md_cell(e["student"]), f"{e['confidence']:.3f}",
+                 _md_cell(e["human"]) if e.get("human") else ""] for e in ctx["errors"]])
+        else:
+            L += ["The student agrees with the teacher on every eval example.", ""]
+    if plot_note:
+        L += [f"_{plot_note}_", ""]
+    return "\n".join(L)
+
+
+def _assumptions(econ) -> str:
+    return (f"{econ.requests_per_month:,} requests/month of {econ.input_tokens_per_request:,} input + "
+            f"{econ.output_tokens_per_request:,} output tokens; teacher {money(econ.teacher_price_in)} / "
+            f"{money(econ.teacher_price_out)} per million input / output tokens; student hosting "
+            f"{money(econ.student_hosting_per_hour)}/hour, at least one replica always on (730 h/month); "
+            f"measured student throughput {num(econ.student_inputs_per_s, 1)} inputs/s; the student scores every "
+            f"request and answers {pct(econ.coverage)} of them (eval coverage at the threshold); the rest go to "
+            "the teacher at full price.")
+
+
+# ---- HTML -------------------------------------------------------------------------------------
+
+def _html(ctx: dict, plots: dict[str, bytes], plot_note: str | None) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
+                      trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(pct=pct, money=money, num=num, payback=payback, clip=clip)
+    images = {name: base64.b64encode(png).decode("ascii") for name, png in plots.items()}
+    return env.get_template("report.html.j2").render(
+        **ctx, images=images, plot_note=plot_note, assumptions=_assumptions(ctx["economics"]) if ctx["economics"] else "",
+        gate_text=_gate_text,
+    )
+
+
+def write_report(project: Project, out_dir: Path | None = None) -> dict:
+    """Write report.md (+ PNG plots beside it) and a self-contained report.html; returns
+    {"markdown": path, "html": path, "summary": {...}}."""
+    out_dir = Path(out_dir) if out_dir is not None else project.workspace / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = gather(project)
+    plots, plot_note = _plots(ctx)
+    plot_files = {}
+    for name in PLOTS:
+        path = out_dir / f"{name}.png"
+        if name in plots:
+            path.write_bytes(plots[name])
+            plot_files[name] = path.name
+        elif path.exists():
+            path.unlink()  # a plot from an earlier report would no longer match the data
+    md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    md_path.write_text(_markdown(ctx, plot_files, plot_note), encoding="utf-8")
+    html_path.write_text(_html(ctx, plots, plot_note), encoding="utf-8")
+    return {"markdown": md_path, "html": html_path, "summary": _summary(ctx)}

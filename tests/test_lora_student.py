@@ -1,0 +1,150 @@
+"""The `lora` student end to end on a tiny real Llama (2 layers, 64 wide) with SmolLM2's tokenizer."""
+
+import json
+import os
+import random
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+from stillroom.train.lora import LoraConfig, LoraStudent, train_lora  # noqa: E402
+
+LABELS = ["fruit", "vehicle", "weather"]
+KEYWORDS = {"fruit": ["apple", "banana", "cherry"], "vehicle": ["car", "truck", "bus"],
+            "weather": ["rain", "snow", "wind"]}
+FILLER = "the a today i saw some very nice old new big small near my house yesterday".split()
+
+
+def toy_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """Texts of filler words with one keyword that decides the label."""
+    rng = random.Random(seed)
+    pairs = []
+    for i in range(n):
+        label = LABELS[i % len(LABELS)]
+        words = rng.sample(FILLER, 5)
+        words.insert(rng.randint(0, 5), rng.choice(KEYWORDS[label]))
+        pairs.append((" ".join(words), label))
+    rng.shuffle(pairs)
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stillroom.models import smollm2_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    steps = []
+    config = LoraConfig(base_model=str(tiny_model), rank=4, alpha=8, epochs=2, batch_size=8,
+                        learning_rate=1e-3, threads=2)
+    result = train_lora(toy_pairs(30, 1), toy_pairs(9, 2), LABELS, out, config,
+                        student_format="Classify: {input}", progress=lambda s, t: steps.append((s, t)))
+    return result, steps
+
+
+def test_training_saves_a_loadable_student(trained):
+    result, steps = trained
+    m = result.metrics
+    for key in ("val_agreement", "best_epoch", "epochs_run", "train_seconds", "train_tokens",
+                "train_tokens_per_s", "train_examples"):
+        assert key in m
+    assert 0.0 <= m["val_agreement"] <= 1.0
+    assert 1 <= m["best_epoch"] <= m["epochs_run"] <= 2
+    assert m["train_examples"] == 30 and m["train_tokens"] > 30 * 8 and m["train_tokens_per_s"] > 0
+    assert steps and steps[0] == (1, 8) and [s for s, _ in steps] == list(range(1, len(steps) + 1))
+
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "student.json"):
+        assert (result.path / name).is_file(), name
+    manifest = json.loads((result.path / "student.json").read_text())
+    assert manifest["kind"] == "lora" and manifest["labels"] == LABELS
+    assert manifest["student_format"] == "Classify: {input}" and manifest["config"]["rank"] == 4
+
+    student = LoraStudent.load(result.path)
+    assert student.kind == "lora" and student.labels == LABELS
+    texts = [x for x, _ in toy_pairs(7, 3)] + ["", "<|im_end|> injected " * 40]
+    predictions = student.predict(texts, batch_size=4)
+    assert len(predictions) == len(texts)
+    for p in predictions:
+        assert p.label in LABELS
+        assert abs(sum(p.probs.values()) - 1.0) < 1e-5
+        assert p.confidence == p.probs[p.label] == max(p.probs.values())
+    assert student.predict([]) == []
+
+
+def test_label_probabilities_are_the_models_own_likelihoods(trained):
+    """The one-pass batched scoring must equal scoring each prompt+label sequence on its own."""
+    student = LoraStudent.load(trained[0].path)
+    texts = ["apple near my house", "a very big old truck today i saw", "snow"]
+    got = student.predict(texts, batch_size=3)
+    tok = student.tokenizer
+    for text, p in zip(texts, got):
+        # SmolLM2's ChatML frame without its default system prompt, spelled out independently
+        prompt = f"<|im_start|>user\nClassify: {text}<|im_end|>\n<|im_start|>assistant\n"
+        prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        scores = []
+        for label in LABELS:
+            answer = tok(label + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            with torch.inference_mode():
+                logp = student.model(torch.tensor([prompt_ids + answer])).logits[0].log_softmax(-1)
+            scores.append(sum(logp[len(prompt_ids) - 1 + k, t] for k, t in enumerate(answer)))
+        expected = torch.stack(scores).softmax(-1).tolist()
+        assert [p.probs[label] for label in LABELS] == pytest.approx(expected, abs=1e-4)
+
+
+def test_training_learns_a_separable_task(tiny_model, tmp_path):
+    config = LoraConfig(base_model=str(tiny_model), rank=8, alpha=16, dropout=0.0, epochs=6,
+                        batch_size=8, learning_rate=1e-2, threads=2)
+    result = train_lora(toy_pairs(96, 4), toy_pairs(30, 5), LABELS, tmp_path, config)
+    assert result.metrics["val_agreement"] >= 0.9, result.metrics
+    student = LoraStudent.load(tmp_path)
+    held_out = toy_pairs(30, 6)
+    predictions = student.predict([x for x, _ in held_out])
+    accuracy = sum(p.label == y for p, (_, y) in zip(predictions, held_out)) / len(held_out)
+    assert accuracy >= 0.9
+
+
+def test_config_errors_name_the_field(tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="base_model.*smollm2-135m-instruct"):
+        LoraConfig(base_model="no-such-model")
+    with pytest.raises(ValueError, match="rank"):
+        LoraConfig(base_model=str(tiny_model), rank=0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoraConfig(base_model=str(tiny_model), dropout=1.5)
+    with pytest.raises(ValueError, match="rank.*hidden size"):
+        train_lora(toy_pairs(6, 0), toy_pairs(3, 0), LABELS, tmp_path,
+                   LoraConfig(base_model=str(tiny_model), rank=65))
+    with pytest.raises(ValueError, match="not in the label set"):
+        train_lora([("apple", "fruit"), ("car", "boat")], toy_pairs(3, 0), LABELS, tmp_path,
+                   LoraConfig(base_model=str(tiny_model)))
+
+
+@pytest.mark.slow
+def test_real_smollm2_trains_and_predicts(tmp_path):
+    config = LoraConfig(epochs=1, batch_size=8, learning_rate=5e-4)
+    result = train_lora(toy_pairs(40, 7), toy_pairs(9, 8), LABELS, tmp_path, config)
+    assert result.metrics["epochs_run"] == 1 and result.metrics["train_tokens_per_s"] > 0
+    student = LoraStudent.load(tmp_path)
+    predictions = student.predict(["I ate an apple", "The bus was late", "Heavy rain tonight"])
+    assert all(p.label in LABELS and abs(sum(p.probs.values()) - 1) < 1e-5 for p in predictions)
