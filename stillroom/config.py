@@ -30,12 +30,20 @@ class ConfigError(StillroomError):
         super().__init__(f"{self.path} has {len(problems)} problem(s):\n{lines}")
 
 
+class UnknownStudent(StillroomError, KeyError):
+    """A student name that stillroom.yaml does not define."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
 class LabelSpec(_Strict):
-    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-\.]+$")]
+    # Any single-line text without surrounding spaces: real label sets use '?', spaces, etc.
+    name: Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\s](?:[^\n\r]*[^\s])?$")]
     description: str = ""
 
 
@@ -209,7 +217,7 @@ class ProjectConfig(_Strict):
         for s in self.students:
             if s.name == name:
                 return s
-        raise ConfigError(CONFIG_FILE, [f"no student named '{name}' in stillroom.yaml (have: {', '.join(s.name for s in self.students)})"])
+        raise UnknownStudent(f"no student named '{name}' in stillroom.yaml (have: {', '.join(s.name for s in self.students)})")
 
     def database_url(self, workspace: Path) -> str:
         return (

@@ -39,7 +39,9 @@ task:
 data: []
 
 teacher:
-  backend: recorded        # recorded (answers imported from logs) | openai (any OpenAI-compatible URL) | local
+  # recorded: answers imported from logs (enough to train and evaluate). `stillroom serve` needs a
+  # live teacher for fallback: openai (any OpenAI-compatible URL) or local (in-process SmolLM2).
+  backend: recorded
   model: gpt-4o-mini
   # base_url: https://api.openai.com/v1
   # api_key_env: OPENAI_API_KEY

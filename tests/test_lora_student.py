@@ -20,14 +20,14 @@ KEYWORDS = {"fruit": ["apple", "banana", "cherry"], "vehicle": ["car", "truck", 
 FILLER = "the a today i saw some very nice old new big small near my house yesterday".split()
 
 
-def toy_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+def toy_pairs(n: int, seed: int, fillers: int = 5) -> list[tuple[str, str]]:
     """Texts of filler words with one keyword that decides the label."""
     rng = random.Random(seed)
     pairs = []
     for i in range(n):
         label = LABELS[i % len(LABELS)]
-        words = rng.sample(FILLER, 5)
-        words.insert(rng.randint(0, 5), rng.choice(KEYWORDS[label]))
+        words = rng.sample(FILLER, fillers)
+        words.insert(rng.randint(0, fillers), rng.choice(KEYWORDS[label]))
         pairs.append((" ".join(words), label))
     rng.shuffle(pairs)
     return pairs

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from stillroom.config import UnknownStudent
 from stillroom.store import tables as T
 
 openai = pytest.importorskip("openai")
@@ -214,7 +215,8 @@ def test_confident_input_is_answered_by_the_student(client, gateway, project, te
     assert len(teacher.received) == before  # the teacher was not asked
 
     row = logged(project, completion.id)
-    assert (row["route"], row["status_code"], row["student"], row["output"]) == ("student", 200, "encoder", "billing")
+    assert (row["route"], row["status_code"], row["student"]) == ("student", 200, "encoder")
+    assert row["output"] == "billing" and row["student_label"] == "billing"
     assert row["cost_usd"] == 0 and row["input_tokens"] is None
     assert row["threshold"] == threshold(gateway)
 
@@ -347,8 +349,34 @@ def test_gateway_key_is_required_when_set(project, monkeypatch):
             openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
         assert caught.value.response.json()["error"]["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=url, api_key="s3cret", max_retries=0)
-        answer = good.chat.completions.create(model=TASK_NAME, messages=[{"role": "user", "content": "My bill for sofa shows the wrong amount"}])
+        answer = good.chat.completions.create(
+            model=TASK_NAME, messages=[{"role": "user", "content": "My bill for sofa shows the wrong amount"}])
         assert answer.choices[0].message.content == "billing"
+
+
+class BrokenBackend:
+    """A teacher backend with a bug: it raises something that is not a BackendError."""
+
+    name = "broken"
+
+    async def chat(self, messages, max_tokens=None, temperature=None):
+        raise RuntimeError("bug in a backend plugin")
+
+
+def test_an_unexpected_error_is_a_500_and_the_server_stays_up(project):
+    from stillroom.serve.app import create_app
+
+    with ThreadedServer(create_app(project, teacher=BrokenBackend())) as server:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=TEACHER_MODEL, messages=[{"role": "user", "content": "hi"}])
+        error = caught.value.response.json()["error"]
+        assert error["type"] == "server_error" and "RuntimeError" in error["message"]
+        row = logged(project, caught.value.response.headers["x-stillroom-request-id"])
+        assert (row["route"], row["status_code"]) == ("error", 500)
+        ok = client.chat.completions.create(
+            model=TASK_NAME, messages=[{"role": "user", "content": "Tell me a joke about camera"}])
+        assert ok.choices[0].message.content == "other"
 
 
 def test_startup_names_the_command_to_run(project):
@@ -357,7 +385,7 @@ def test_startup_names_the_command_to_run(project):
 
     with pytest.raises(ProjectError, match="stillroom eval spare"):
         create_app(project, student="spare")
-    with pytest.raises(ProjectError, match="no student named 'nobody'"):
+    with pytest.raises(UnknownStudent, match="no student named 'nobody'"):
         create_app(project, student="nobody")
 
 

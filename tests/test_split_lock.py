@@ -118,3 +118,19 @@ def test_human_labelled_examples_fill_eval_first(make_project, tmp_path):
     with project.store.engine.connect() as conn:
         eval_inputs = {ex.input for ex, _ in split_rows(conn, "eval")}
     assert {t for t, _ in gold} <= eval_inputs and len(eval_inputs) == 18
+
+
+def test_pinned_eval_file_then_lock_keeps_training_rows_out_of_eval(make_project, tmp_path):
+    """An existing test set imported with split='eval' is the locked eval; later data never joins it."""
+    project = make_project()
+    write_chat_jsonl(tmp_path / "test.jsonl", synthetic_rows(5, seed=1))
+    write_chat_jsonl(tmp_path / "train.jsonl", synthetic_rows(20, seed=2))
+    import_file(project, tmp_path / "test.jsonl", split="eval")
+    lock = lock_eval(project)
+    assert len(lock.manifest) == 15
+    with pytest.raises(Exception, match="eval split is locked"):
+        import_file(project, tmp_path / "train.jsonl", split="eval")
+    import_file(project, tmp_path / "train.jsonl")
+    report = split_project(project)
+    assert report.total["eval"] == 15 and report.assigned["eval"] == 0
+    verify_lock(project)

@@ -22,7 +22,11 @@ from typing import Literal
 
 from stillroom.errors import StillroomError
 from stillroom.project import Project
-from stillroom.store.records import add_label, add_response, get_or_add_example, response_hash
+from sqlalchemy import insert
+
+from stillroom.store import tables as T
+from stillroom.store.db import now
+from stillroom.store.records import add_label, add_response, get_or_add_example, response_hash, split_assignments
 from stillroom.tasks.base import ParseError, content_hash
 
 Role = Literal["teacher", "human"]
@@ -161,9 +165,18 @@ def import_file(
     strict: bool = False,
     input_column: str = "input",
     output_column: str = "output",
+    split: str | None = None,
 ) -> ImportReport:
-    """Import a JSONL or CSV file; outputs become teacher responses (or human labels with role='human')."""
+    """Import a JSONL or CSV file; outputs become teacher responses (or human labels with role='human').
+
+    `split` pins the file's new examples to a split (e.g. a team's existing test set as `eval`);
+    pinning into a locked eval split is refused."""
     path = Path(path)
+    if split is not None:
+        from stillroom.curate.split import SPLITS
+
+        if split not in SPLITS:
+            raise ImportFileError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     report = ImportReport(str(path), role)
     try:
         data = path.read_bytes().decode("utf-8-sig")
@@ -210,10 +223,20 @@ def import_file(
     source = path.name
     model = project.config.teacher.model if role == "teacher" else "human"
     with project.store.engine.begin() as conn:  # one transaction: all of the file or nothing
+        if split == "eval":
+            from stillroom.curate.lock import active_lock
+
+            if active_lock(conn) is not None:
+                raise ImportFileError("the eval split is locked; new examples cannot be pinned to it "
+                                      "(re-lock explicitly if the eval set must change)")
+        pinned = set(split_assignments(conn)) if split else set()
         for r, label in parsed:
             example_id, created = get_or_add_example(conn, r.input, source, r.tags)
             report.examples_added += created
             report.examples_existing += not created
+            if split and example_id not in pinned:
+                conn.execute(insert(T.splits).values(example_id=example_id, split=split, seed=-1, created_at=now()))
+                pinned.add(example_id)
             if r.output is None:
                 report.unlabelled += 1
                 continue

@@ -110,6 +110,7 @@ def import_(
     strict: Annotated[bool, typer.Option(help="Abort with nothing written if any line is bad.")] = False,
     input_column: Annotated[str, typer.Option(help="CSV column holding the input.")] = "input",
     output_column: Annotated[str, typer.Option(help="CSV column holding the output.")] = "output",
+    split: Annotated[Optional[str], typer.Option(help="Pin the new examples to a split, e.g. your existing test set as 'eval'.")] = None,
     project_dir: ProjectDir = Path("."),
     as_json: JsonFlag = False,
 ):
@@ -122,7 +123,7 @@ def import_(
     from stillroom.capture.importers import import_file
 
     report = import_file(_open(project_dir), file, role=role, strict=strict,
-                         input_column=input_column, output_column=output_column)
+                         input_column=input_column, output_column=output_column, split=split)
 
     def show():
         c = _console()

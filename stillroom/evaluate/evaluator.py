@@ -54,6 +54,7 @@ def evaluate_student(project: Project, name: str) -> dict:
         raise ProjectError("the eval split has no teacher-labelled examples")
     student = load_student(run["artifact_path"])
 
+    student.predict([eval_rows[0][0].input])  # warm-up: model loading is not throughput
     started = time.perf_counter()
     eval_preds = student.predict([ex.input for ex, _ in eval_rows])
     seconds = time.perf_counter() - started
@@ -89,7 +90,7 @@ def evaluate_student(project: Project, name: str) -> dict:
         "errors": [
             {"example_id": i, "input": ex.input, "teacher": t, "student": p.label,
              "confidence": round(p.confidence, 4), "human": humans.get(i)}
-            for i, (ex, t), p in zip(ids, eval_rows, eval_preds) if p.label != t
+            for i, (ex, t), p in zip(ids, eval_rows, eval_preds) if not task.score(p.label, t)
         ][:50],
     }
     created = now()

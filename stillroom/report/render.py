@@ -59,6 +59,17 @@ def clip(text: str, limit: int = MAX_INPUT_SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+def code_spans(text):
+    """HTML for one of our own messages: escaped, with `command` spans set as <code>."""
+    from markupsafe import Markup, escape
+
+    parts = str(text).split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: leave it as text
+        return escape(text)
+    return Markup("".join(str(escape(p)) if i % 2 == 0 else f"<code>{escape(p)}</code>"
+                          for i, p in enumerate(parts)))
+
+
 def _md_cell(text) -> str:
     """User text inside a Markdown table cell: one line, no raw HTML, pipes escaped."""
     text = clip(str(text))
@@ -83,7 +94,8 @@ def _missing_stages(data: dict, lock, students: list[dict]) -> list[str]:
         if s["status"] == "not trained":
             missing.append(f"train: student '{s['name']}' is not trained; run `stillroom train {s['name']}`")
         elif s["status"] == "not evaluated":
-            missing.append(f"eval: student '{s['name']}' is trained but not evaluated; run `stillroom eval {s['name']}`")
+            missing.append(f"eval: student '{s['name']}' is trained but not evaluated; "
+                           f"run `stillroom eval {s['name']}`")
     return missing
 
 
@@ -141,7 +153,8 @@ def _verdict(chosen: dict | None, econ, missing: list[str]) -> dict:
                    f"requests at threshold {ev['at_threshold']['threshold']:.2f}{money_part}.")
     else:
         why = gate["message"].removeprefix("FAIL: ") if gate else chosen["gate_error"]
-        message = f"Do not deploy yet: '{name}' ({chosen['kind']}) FAILS the gate ({why}). If deployed: {pct(coverage)} coverage{money_part}."
+        message = (f"Do not deploy yet: '{name}' ({chosen['kind']}) FAILS the gate ({why}). "
+                   f"If deployed: {pct(coverage)} coverage{money_part}.")
     return {"student": name, "passed": passed, "coverage": coverage, "monthly_savings": savings,
             "message": message}
 
@@ -263,7 +276,8 @@ def _gate_text(row: dict) -> str:
         return f"ERROR: {row['gate_error']}" if row["gate_error"] else "—"
     word = "PASS" if gate["passed"] else "FAIL"
     stale = ", stale eval" if gate["stale"] else ""
-    return f"{word} (gap {gate['gap_points']:.2f} / allowed {gate['allowed_points']:g} pts, vs {gate['reference']}{stale})"
+    return (f"{word} (gap {gate['gap_points']:.2f} / allowed {gate['allowed_points']:g} pts, "
+            f"vs {gate['reference']}{stale})")
 
 
 def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> str:
@@ -384,11 +398,11 @@ def _html(ctx: dict, plots: dict[str, bytes], plot_note: str | None) -> str:
 
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=True, undefined=StrictUndefined,
                       trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(pct=pct, money=money, num=num, payback=payback, clip=clip)
+    env.filters.update(pct=pct, money=money, num=num, payback=payback, clip=clip, code=code_spans)
     images = {name: base64.b64encode(png).decode("ascii") for name, png in plots.items()}
     return env.get_template("report.html.j2").render(
-        **ctx, images=images, plot_note=plot_note, assumptions=_assumptions(ctx["economics"]) if ctx["economics"] else "",
-        gate_text=_gate_text,
+        **ctx, images=images, plot_note=plot_note,
+        assumptions=_assumptions(ctx["economics"]) if ctx["economics"] else "",
     )
 
 

@@ -26,7 +26,6 @@ from sqlalchemy import insert
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stillroom.backends.base import BackendError, ChatBackend
-from stillroom.config import ConfigError
 from stillroom.evaluate.evaluator import latest_evaluation
 from stillroom.evaluate.gate import decide
 from stillroom.project import Project, ProjectError
@@ -140,7 +139,8 @@ def parse_request(body) -> ChatRequest:
     temperature = body.get("temperature")
     if temperature is not None and (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
                                     or not 0 <= temperature <= 2):
-        raise ApiError(400, f"'temperature' must be a number from 0 to 2, got {temperature!r}", param="temperature")
+        raise ApiError(400, f"'temperature' must be a number from 0 to 2, got {temperature!r}",
+                       param="temperature")
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -161,10 +161,7 @@ def choose_student(project: Project, student: str | None = None) -> str:
     cfg = project.config
     name = student or cfg.routing.student
     if name:
-        try:
-            cfg.student(name)
-        except (KeyError, ConfigError) as exc:
-            raise ProjectError("; ".join(getattr(exc, "problems", None) or [str(exc.args[0])])) from None
+        cfg.student(name)  # UnknownStudent names the students that exist
         return name
     trained = []
     for s in cfg.students:
@@ -207,6 +204,9 @@ def load_routing(project: Project, student: str | None = None) -> Routing:
         raise ProjectError(f"student '{name}' has no evaluation of its latest run, so there is no routing "
                            f"threshold; run `stillroom eval {name}`")
     threshold = float(evaluation["calibration"]["threshold"])
+    if threshold > 1:
+        logger.warning("'%s' never reached routing.target_agreement on the calibration split: every request "
+                       "will go to the teacher", name)
     try:
         verdict = decide(evaluation, project.config.gate)
         gate_passed = verdict.passed
@@ -278,8 +278,8 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
         return ApiError(exc.status_code, str(exc.detail), kind).response(headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_request: Request, exc: Exception):
-        logger.exception("unexpected error")
+    async def _unexpected(request: Request, exc: Exception):
+        logger.error("unexpected error on %s", request.url.path, exc_info=exc)
         return ApiError(500, f"the gateway failed ({type(exc).__name__}); see its log", "server_error").response()
 
     @app.get("/health")

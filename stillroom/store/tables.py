@@ -108,7 +108,7 @@ def define(metadata: MetaData) -> dict[str, Table]:
     t["routed_requests"] = Table(
         "routed_requests", metadata,
         Column("id", Integer, primary_key=True, autoincrement=True),
-        Column("request_id", String(64), nullable=False),
+        Column("request_id", String(64), nullable=False, index=True),
         Column("model", String(255)),
         Column("input", Text),
         Column("route", String(16), nullable=False),  # student | teacher | error
@@ -123,7 +123,7 @@ def define(metadata: MetaData) -> dict[str, Table]:
         Column("output_tokens", Integer),
         Column("cost_usd", Float),
         Column("latency_ms", Float),
-        Column("created_at", DateTime(timezone=True), nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, index=True),  # monitoring windows
     )
     t["stage_runs"] = Table(
         "stage_runs", metadata,

@@ -1,0 +1,34 @@
+"""Benchmark runner: `bench/run NAME [--quick]`, `bench/run --list`, `bench/run all`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+BENCHMARKS = {
+    "banking77": "full pipeline on Banking77: encoder student, train = recorded teacher, test = locked eval",
+}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run", description=__doc__)
+    parser.add_argument("name", nargs="?", help="benchmark name, or 'all'")
+    parser.add_argument("--list", action="store_true", help="list the benchmarks")
+    parser.add_argument("--quick", action="store_true", help="a smaller version of the benchmark")
+    args = parser.parse_args(argv)
+    if args.list or not args.name:
+        for name, what in BENCHMARKS.items():
+            print(f"{name:<14} {what}")
+        return 0
+    names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    for name in names:
+        if name not in BENCHMARKS:
+            print(f"unknown benchmark {name!r}; `bench/run --list` lists them", file=sys.stderr)
+            return 2
+        importlib.import_module(f"bench.{name}").main(quick=args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
