@@ -37,6 +37,12 @@ class UnknownStudent(StillroomError, KeyError):
         return str(self.args[0])
 
 
+def _require_unique(what: str, names: list[str]) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(dupes)}")
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -62,10 +68,7 @@ class TaskConfig(_Strict):
     def _labels_usable(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
         if len(labels) < 2:
             raise ValueError("at least 2 labels are needed for a classification task")
-        names = [label.name for label in labels]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"label names must be unique; repeated: {', '.join(dupes)}")
+        _require_unique("label", [label.name for label in labels])
         return labels
 
     @field_validator("teacher_prompt", "student_input_format")
@@ -198,10 +201,7 @@ class ProjectConfig(_Strict):
     def _unique_students(cls, students: list[StudentConfig]) -> list[StudentConfig]:
         if not students:
             raise ValueError("at least one student is needed")
-        names = [s.name for s in students]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"student names must be unique; repeated: {', '.join(dupes)}")
+        _require_unique("student", [s.name for s in students])
         return students
 
     @model_validator(mode="after")

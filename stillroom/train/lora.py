@@ -135,8 +135,9 @@ def _label_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pad_
 
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     n = len(prompts)
-    owner = torch.tensor([j for j, a in enumerate(answers) for _ in a[:-1]])  # answer of each slot
-    step = torch.tensor([k for a in answers for k in range(len(a) - 1)])  # token index within it
+    # One slot per continuation token: which answer it belongs to, and its index within that answer.
+    owner = torch.tensor([j for j, a in enumerate(answers) for _ in a[:-1]], dtype=torch.long)
+    step = torch.tensor([k for a in answers for k in range(len(a) - 1)], dtype=torch.long)
     width = max(len(p) for p in prompts)
     total = width + len(owner)
     ids = torch.full((n, total), pad_id, dtype=torch.long)
@@ -308,8 +309,8 @@ def train_lora(
                     cols.append(len(prompt) - 1 + k)
                     targets.append(token)
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            # Vocabulary logits only where an answer token is predicted: the LM head is ~30% of
-            # SmolLM2's forward FLOPs if applied to every prompt position.
+            # Vocabulary logits only where an answer token is predicted: on every position the LM
+            # head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor.
             logits = head(hidden[rows, cols])
             loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
             loss.backward()
@@ -325,7 +326,7 @@ def train_lora(
 
         model.eval()
         probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
-        agreement = float((probs.argmax(-1) == val_gold).float().mean())
+        agreement = (probs.argmax(-1) == val_gold).sum().item() / len(val)
         history.append(round(agreement, 4))
 
         # --- checkpoint: the best epoch's adapter is what stays on disk ----------------------
