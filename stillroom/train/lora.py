@@ -7,6 +7,7 @@ the label probabilities are a softmax over those scores, so the answer is always
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -62,6 +63,14 @@ class LoraConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"LoraConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+
+@contextlib.contextmanager
+def _quiet_peft():
+    """peft asks transformers a deprecated question (a FutureWarning per model); not ours to fix."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
 
 
 def resolve_base_model(name_or_path: str) -> Path:
@@ -261,8 +270,7 @@ def train_lora(
     val_gold = torch.tensor([label_index[y] for _, y in val])
 
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with _quiet_peft():
         model = get_peft_model(
             base,
             PeftLoraConfig(
@@ -402,7 +410,8 @@ class LoraStudent:
             torch.set_num_threads(config.threads)
         model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
         # Merging folds B @ A into the base weights: inference then costs exactly the base model.
-        model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
+        with _quiet_peft():
+            model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, manifest["labels"], manifest["student_format"], config)
 
