@@ -84,9 +84,17 @@ def test_stage_by_stage(project_dir):
     assert Path(rep["html"]).is_file() and Path(rep["markdown"]).is_file()
 
 
-def test_gate_exit_codes_through_the_real_entry_point(project_dir, tmp_path):
+def _ready(project_dir):
+    """Every stage up to evaluation; each is idempotent, so tests need not run in order."""
+    cli("import", project_dir / "data.jsonl", "-C", project_dir)
+    cli("split", "-C", project_dir)
+    cli("lock", "-C", project_dir)
     cli("train", "-C", project_dir)
     cli("eval", "-C", project_dir)
+
+
+def test_gate_exit_codes_through_the_real_entry_point(project_dir, tmp_path):
+    _ready(project_dir)
     result = sh("gate", "-C", project_dir)
     verdict = json.loads(sh("gate", "-C", project_dir, "--json").stdout)["encoder"]
     # The noisy labels keep the student below 100% agreement, so a zero-point gate must fail.
@@ -113,3 +121,60 @@ def test_errors_are_sentences_not_tracebacks(tmp_path):
     assert r.returncode == 2 and "no evaluation" in r.stderr
     r = sh("import", fresh / "d.jsonl", "--as", "robot", "-C", fresh)
     assert r.returncode == 2 and "--as must be" in r.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_command_starts_the_gateway(project_dir, tmp_path):
+    """`stillroom serve` as a user runs it: refuses a recorded-only teacher with a sentence, then
+    serves the student over HTTP once a live teacher URL is configured."""
+    import time
+
+    import httpx
+
+    _ready(project_dir)
+    r = sh("serve", "-C", project_dir, "--port", _free_port())
+    assert r.returncode == 2 and "live teacher" in r.stderr and "Traceback" not in r.stderr
+
+    live = tmp_path / "live"
+    live.mkdir()
+    import shutil
+
+    shutil.copytree(project_dir / ".stillroom", live / ".stillroom")
+    (live / "stillroom.yaml").write_text(
+        project_yaml(extra="gate: {max_gap_points: 0}\n"
+                     "teacher: {backend: openai, base_url: 'http://127.0.0.1:9/v1', model: big-teacher}\n"),
+        encoding="utf-8")
+    port = _free_port()
+    exe = Path(sys.executable).with_name("stillroom")
+    proc = subprocess.Popen([str(exe), "serve", "-C", str(live), "--port", str(port), "--student", "encoder"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+                break
+            except httpx.HTTPError:
+                assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+                time.sleep(0.5)
+        assert health["status"] == "ok" and health["student"] == "encoder"
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+            "model": "tiny", "messages": [{"role": "user", "content": "hi my package and delivery question 3 today"}]})
+        body = reply.json()
+        if reply.status_code == 200:
+            assert reply.headers["x-stillroom-route"] == "student"
+            assert reply.status_code == 200 and body["choices"][0]["message"]["content"] in ("billing", "shipping", "other")
+        else:  # below the threshold: the teacher at port 9 is down -> OpenAI-shaped 502, server stays up
+            assert reply.status_code == 502 and body["error"]["type"] == "upstream_error"
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+from stillroom.errors import StillroomError
+
 __all__ = ["BackendError", "ChatBackend", "Completion"]
 
 
@@ -19,7 +21,7 @@ class Completion:
     model: str  # the model that actually answered, as the backend names it
 
 
-class BackendError(Exception):
+class BackendError(StillroomError):
     """A backend could not answer. `status_code` is the upstream HTTP status where there was one;
     `retryable` says whether the same call may succeed later (timeouts, 429, 5xx)."""
 

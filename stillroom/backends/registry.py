@@ -6,6 +6,7 @@ import importlib
 
 from stillroom.backends.base import ChatBackend
 from stillroom.config import TeacherConfig
+from stillroom.errors import StillroomError
 
 __all__ = ["BACKENDS", "teacher_backend"]
 
@@ -13,6 +14,10 @@ BACKENDS = {
     "openai": "stillroom.backends.openai_compat:OpenAICompatBackend",
     "local": "stillroom.backends.hf_local:LocalChatBackend",
 }
+
+
+class TeacherNotServable(StillroomError, ValueError):
+    """The configured teacher cannot answer live requests."""
 
 
 def _resolve(ref: str):
@@ -23,13 +28,13 @@ def _resolve(ref: str):
 def teacher_backend(config: TeacherConfig) -> ChatBackend:
     """A live backend for the configured teacher (`teacher.backend` in stillroom.yaml)."""
     if config.backend == "recorded":
-        raise ValueError(
+        raise TeacherNotServable(
             "teacher.backend is 'recorded' (answers imported from logs), but the gateway needs a live "
             "teacher to answer what the student is unsure about: set teacher.backend to 'openai' "
             "(with teacher.base_url) or 'local' in stillroom.yaml"
         )
     if config.backend not in BACKENDS:
-        raise ValueError(f"unknown teacher.backend '{config.backend}' (known: {', '.join(BACKENDS)}, recorded)")
+        raise TeacherNotServable(f"unknown teacher.backend '{config.backend}' (known: {', '.join(BACKENDS)}, recorded)")
     cls = _resolve(BACKENDS[config.backend])
     if config.backend == "openai":
         return cls(config.base_url, config.model, config.api_key_env, config.timeout_s)
