@@ -16,10 +16,17 @@ from sqlalchemy import (
 )
 
 
-def define(metadata: MetaData) -> dict[str, Table]:
-    """Declare the schema on `metadata`. Migration 0001 calls this on a fresh MetaData; a later
-    migration that changes a table alters it explicitly and updates this declaration to match."""
+def define(metadata: MetaData, upto: int = 10**6) -> dict[str, Table]:
+    """Declare the schema as of migration `upto` on `metadata`.
+
+    Each block below is guarded by the migration that added it, so migration N can create exactly
+    the tables new at N (`migrations.create_added_tables`). Adding a table: a new guarded block and
+    a new migration module. Changing an existing column: an explicit ALTER in a new migration, and
+    the declaration here updated to match."""
     t: dict[str, Table] = {}
+    if upto < 1:
+        return t
+    # m0001: the initial schema
     t["examples"] = Table(
         "examples", metadata,
         Column("id", Integer, primary_key=True, autoincrement=True),
@@ -133,6 +140,14 @@ def define(metadata: MetaData) -> dict[str, Table]:
         Column("summary", Text),  # JSON
         Column("finished_at", DateTime(timezone=True), nullable=False),
     )
+    if upto >= 2:  # m0002: labeling engine
+        pass
+    if upto >= 3:  # m0003: curation
+        pass
+    if upto >= 4:  # m0004: evaluation
+        pass
+    if upto >= 5:  # m0005: exports
+        pass
     return t
 
 
