@@ -8,6 +8,9 @@ import sys
 
 BENCHMARKS = {
     "banking77": "full pipeline on Banking77: encoder student, train = recorded teacher, test = locked eval",
+    "eval_banking77": "evaluation on Banking77: gap with 95% CI, both gate modes, slice report, calibration",
+    "near_duplicates": "Banking77 test inputs with a near-duplicate (MiniLM cosine) in train, per threshold",
+    "labeling_throughput": "5,000 inputs, loopback teacher at 200 ms, concurrency 64: achieved/ideal, overhead per call",
 }
 
 

@@ -93,7 +93,7 @@ class TaskConfig(_Strict):
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["openai", "local", "recorded"] = "recorded"
+    backend: Literal["openai", "litellm", "local", "recorded"] = "recorded"
     model: str = "teacher"
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
@@ -106,6 +106,37 @@ class TeacherConfig(_Strict):
     def _openai_needs_url(self) -> "TeacherConfig":
         if self.backend == "openai" and not self.base_url:
             raise ValueError("backend 'openai' needs base_url (e.g. https://api.openai.com/v1)")
+        return self
+
+
+class LabelingConfig(_Strict):
+    """How `stillroom label` calls the teacher: pace, retries, samples, consensus, budget, batch."""
+
+    concurrency: Annotated[int, Field(ge=1, le=4096)] = 16  # teacher calls in flight at once
+    requests_per_minute: Annotated[float | None, Field(gt=0)] = None  # None: no client-side limit
+    tokens_per_minute: Annotated[float | None, Field(gt=0)] = None  # input + output tokens
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 6  # per call, on 429 / 5xx / timeouts
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 1.0  # full-jitter exponential backoff
+    backoff_max_s: Annotated[float, Field(gt=0)] = 60.0
+    samples: Annotated[int, Field(ge=1, le=50)] = 1  # teacher answers per input (consensus when > 1)
+    temperature: Annotated[float | None, Field(ge=0, le=2)] = None  # None: the endpoint's default
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.6  # below this share a label is flagged
+    max_input_chars: Annotated[int, Field(gt=0)] = 20_000
+    over_long_inputs: Literal["reject", "truncate"] = "reject"
+    max_cost_usd: Annotated[float | None, Field(gt=0)] = None  # `--max-cost` overrides
+    batch_price_factor: Annotated[float, Field(gt=0, le=1)] = 0.5  # batch APIs bill about half
+    batch_max_requests: Annotated[int, Field(ge=1, le=50_000)] = 50_000
+    batch_poll_interval_s: Annotated[float, Field(gt=0)] = 30.0
+    batch_completion_window: str = "24h"
+    ray_workers: Annotated[int, Field(ge=1)] = 2  # Ray tasks in flight at once with `--ray`
+
+    @model_validator(mode="after")
+    def _samples_need_sampling(self) -> "LabelingConfig":
+        if self.samples > 1 and self.temperature == 0:
+            raise ValueError("samples > 1 with temperature 0 asks for the same answer several times; "
+                             "set temperature above 0 (e.g. 0.7) or samples to 1")
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be at least backoff_initial_s")
         return self
 
 
@@ -145,12 +176,37 @@ class GateConfig(_Strict):
     max_gap_points: Annotated[float | None, Field(ge=0, le=100)] = None
     reference: Literal["auto", "human", "teacher"] = "auto"
     min_human_examples: Annotated[int, Field(ge=1)] = 30
+    # point: the estimated gap must be within the allowed gap; strict: its upper 95% bound must be.
+    mode: Literal["point", "strict"] = "point"
+    # A slice (class, length bucket, source, tag) with at least this many examples whose gap is above
+    # slice_gap_multiple x the allowed gap fails the gate on its own.
+    slice_min_examples: Annotated[int, Field(ge=1)] = 20
+    slice_gap_multiple: Annotated[float, Field(gt=0)] = 2.0
+    bootstrap_resamples: Annotated[int, Field(ge=100, le=100_000)] = 2000
+    bootstrap_seed: int = 0
 
     @property
     def allowed_gap_points(self) -> float:
         if self.max_gap_points is not None:
             return self.max_gap_points
         return HIGH_STAKES_GAP_POINTS if self.preset == "high_stakes" else DEFAULT_GAP_POINTS
+
+
+class JudgeConfig(_Strict):
+    """The LLM judge for generation tasks (pairwise + rubric); usually stronger than the teacher."""
+
+    backend: Literal["openai", "local"] | None = None  # None: no judge configured
+    model: str = "judge"
+    base_url: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 2  # extra attempts for an unparseable answer
+
+    @model_validator(mode="after")
+    def _openai_needs_url(self) -> "JudgeConfig":
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("backend 'openai' needs base_url (e.g. https://api.openai.com/v1)")
+        return self
 
 
 class RoutingConfig(_Strict):
@@ -178,6 +234,79 @@ class DataSource(_Strict):
     output_column: str = "output"
 
 
+PII_TYPES = ("email", "phone", "card", "iban")
+
+
+class PiiPattern(_Strict):
+    """A user regex redacted as `[NAME]` (the name upper-cased)."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z][A-Za-z0-9_]{0,39}$")]
+    pattern: Annotated[str, Field(min_length=1)]
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, pattern: str) -> str:
+        import re
+
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"not a valid regular expression ({exc})") from None
+        if compiled.match(""):
+            raise ValueError("the pattern matches the empty string; it would redact nothing useful")
+        return pattern
+
+
+class PiiConfig(_Strict):
+    """What `curate/pii.py` redacts before a text goes to a teacher or into an export."""
+
+    enabled: bool = True
+    # Per field, the types to redact: email, phone, card, iban, a pattern's name, or 'custom' (all patterns).
+    input: list[str] = Field(default_factory=lambda: [*PII_TYPES, "custom"])
+    output: list[str] = Field(default_factory=lambda: [*PII_TYPES, "custom"])
+    patterns: list[PiiPattern] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known_types(self) -> "PiiConfig":
+        names = [p.name.lower() for p in self.patterns]
+        _require_unique("pattern", names)
+        clash = sorted(set(names) & {*PII_TYPES, "custom"})
+        if clash:
+            raise ValueError(f"pattern name(s) {clash} clash with a built-in type; pick another name")
+        known = {*PII_TYPES, "custom", *names}
+        for field in ("input", "output"):
+            unknown = [t for t in getattr(self, field) if t.lower() not in known]
+            if unknown:
+                raise ValueError(f"{field}: unknown type(s) {unknown}; expected any of {sorted(known)}")
+        return self
+
+
+class DedupeConfig(_Strict):
+    threshold: Annotated[float, Field(gt=0, le=1)] = 0.95  # cosine similarity of MiniLM embeddings
+    exclude_train_duplicates: bool = True  # --apply keeps one example per near-duplicate cluster
+
+
+class ReviewConfig(_Strict):
+    fraction: Annotated[float, Field(ge=0, le=1)] = 0.10  # stratified sample per label (5-20% is typical)
+    min_per_label: Annotated[int, Field(ge=0)] = 1
+    seed: int = 0
+    splits: list[Literal["train", "validation", "calibration", "eval"]] = Field(
+        default_factory=lambda: ["train", "validation"]
+    )
+
+
+class BalanceConfig(_Strict):
+    min_per_label: Annotated[int, Field(ge=0)] = 0  # oversample rarer train labels up to this; 0 = off
+    flagged_copies: Annotated[int, Field(ge=1, le=20)] = 1  # copies of each flagged train example
+
+
+class CurationConfig(_Strict):
+    pii: PiiConfig = PiiConfig()
+    dedupe: DedupeConfig = DedupeConfig()
+    review: ReviewConfig = ReviewConfig()
+    balance: BalanceConfig = BalanceConfig()
+
+
 class DatabaseConfig(_Strict):
     url: str | None = None  # default: sqlite file in the workspace; STILLROOM_DB_URL overrides
 
@@ -186,14 +315,17 @@ class ProjectConfig(_Strict):
     task: TaskConfig
     data: list[DataSource] = Field(default_factory=list)
     teacher: TeacherConfig = TeacherConfig()
+    labeling: LabelingConfig = LabelingConfig()
     students: list[StudentConfig] = Field(
         default_factory=lambda: [StudentConfig(name="encoder", kind="encoder")]
     )
     split: SplitConfig = SplitConfig()
     gate: GateConfig = GateConfig()
+    judge: JudgeConfig = JudgeConfig()
     routing: RoutingConfig = RoutingConfig()
     costs: CostConfig = CostConfig()
     volume: VolumeConfig = VolumeConfig()
+    curation: CurationConfig = CurationConfig()
     database: DatabaseConfig = DatabaseConfig()
 
     @field_validator("students")

@@ -139,3 +139,13 @@ def test_content_parts_and_input_only_lines(make_project, tmp_path):
     with project.store.engine.connect() as conn:
         rows = dict(conn.execute(select(T.examples.c.input, T.examples.c.tags)).all())
     assert "refund my card" in rows and json.loads(rows["plain"]) == ["vip"]
+
+
+def test_lone_surrogate_is_a_line_problem_not_a_lost_file(make_project, tmp_path):
+    project = make_project()
+    path = tmp_path / "surrogate.jsonl"
+    path.write_text('{"input": "fine line", "output": "other"}\n{"input": "bad \\ud800 text", "output": "other"}\n',
+                    encoding="utf-8")
+    report = import_file(project, path)
+    assert report.examples_added == 1
+    assert report.problems == [(2, "invalid Unicode (a lone surrogate escape such as \\ud800); fix the line")]

@@ -140,7 +140,7 @@ def test_markdown_has_eval_table_gate_and_money(evaluated):
     assert md.splitlines()[0] == "# stillroom report: support triage"
     assert "**Verdict:**" in md and "'encoder'" in md.split("**Verdict:**")[1].splitlines()[0]
     assert f"Eval lock {ev['lock_id']}:" in md and ev["lock_sha256"] in md
-    for name in ("confusion", "coverage", "cost"):
+    for name in ("confusion", "coverage", "reliability", "slices", "cost"):
         assert f"]({name}.png)" in md
         assert (result["markdown"].parent / f"{name}.png").read_bytes().startswith(b"\x89PNG")
 
@@ -148,7 +148,10 @@ def test_markdown_has_eval_table_gate_and_money(evaluated):
 def test_html_is_self_contained_and_escapes_inputs(evaluated):
     project, result = evaluated
     html = result["html"].read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 3
+    # Five embedded plots: confusion heatmap, coverage curve, reliability diagram, per-slice gap bars, cost.
+    assert html.count("data:image/png;base64,") == 5
+    for alt in ("confusion matrix", "coverage vs agreement", "reliability diagram", "gap by slice", "monthly cost"):
+        assert f'<img class="plot" alt="{alt}" src="data:image/png;base64,' in html, alt
     assert "<script" not in html
     ev = latest_evaluation(project, "encoder")
     if any(e["input"] == SCRIPT_INPUT for e in ev["errors"]):

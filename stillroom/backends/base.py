@@ -23,13 +23,16 @@ class Completion:
 
 class BackendError(StillroomError):
     """A backend could not answer. `status_code` is the upstream HTTP status where there was one;
-    `retryable` says whether the same call may succeed later (timeouts, 429, 5xx)."""
+    `retryable` says whether the same call may succeed later (timeouts, 429, 5xx); `retry_after`
+    is how many seconds the server asked the client to wait (Retry-After), where it said."""
 
-    def __init__(self, message: str, status_code: int | None = None, retryable: bool = False):
+    def __init__(self, message: str, status_code: int | None = None, retryable: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.message = message
         self.status_code = status_code
         self.retryable = retryable
+        self.retry_after = retry_after
 
 
 @runtime_checkable

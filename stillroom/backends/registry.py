@@ -13,6 +13,7 @@ __all__ = ["BACKENDS", "teacher_backend"]
 BACKENDS = {
     "openai": "stillroom.backends.openai_compat:OpenAICompatBackend",
     "local": "stillroom.backends.hf_local:LocalChatBackend",
+    "litellm": "stillroom.backends.litellm_backend:LiteLLMBackend",
 }
 
 
@@ -38,4 +39,7 @@ def teacher_backend(config: TeacherConfig) -> ChatBackend:
     cls = _resolve(BACKENDS[config.backend])
     if config.backend == "openai":
         return cls(config.base_url, config.model, config.api_key_env, config.timeout_s)
+    if config.backend == "litellm":  # litellm finds provider keys itself unless api_key_env is set
+        key_env = config.api_key_env if "api_key_env" in config.model_fields_set else None
+        return cls(config.model, config.base_url, key_env, config.timeout_s)
     return cls(max_new_tokens=config.max_tokens)

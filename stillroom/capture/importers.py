@@ -146,10 +146,21 @@ def read_csv(data: str, input_column: str, output_column: str) -> tuple[list[Rec
     return records, problems
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON allows "\ud800"; no database can store it
+        return False
+    return True
+
+
 def _check(records: list[Record], problems: list[tuple[int, str]]) -> list[Record]:
     good = []
     for r in records:
-        if not r.input.strip():
+        bad_text = next((t for t in (r.input, r.output or "") if not _encodable(t)), None)
+        if bad_text is not None:
+            problems.append((r.line, "invalid Unicode (a lone surrogate escape such as \\ud800); fix the line"))
+        elif not r.input.strip():
             problems.append((r.line, "empty input"))
         elif len(r.input) > MAX_INPUT_CHARS:
             problems.append((r.line, f"input is {len(r.input):,} characters; the limit is {MAX_INPUT_CHARS:,}"))

@@ -18,6 +18,9 @@ from stillroom.cli import evaluate  # noqa: E402,F401  isort:skip
 from stillroom.cli import serve  # noqa: E402,F401  isort:skip
 from stillroom.cli import report  # noqa: E402,F401  isort:skip
 from stillroom.cli import run  # noqa: E402,F401  isort:skip
+from stillroom.cli import curate  # noqa: E402,F401  isort:skip
+from stillroom.cli import label  # noqa: E402,F401  isort:skip
+from stillroom.cli import export  # noqa: E402,F401  isort:skip
 
 __all__ = ["app", "main"]
 

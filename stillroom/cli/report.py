@@ -16,9 +16,11 @@ def report(
     project_dir: ProjectDir = Path("."),
     as_json: JsonFlag = False,
 ):
-    """Write report.md and report.html: data, eval table, gate, routing coverage, cost and payback."""
+    """Write report.html, report.md and report.json: data, the three-way eval table with the gap's 95%
+    interval, gate verdicts (stale evaluations marked), calibration, worst slices, routing coverage,
+    cost and payback."""
     from stillroom.report.render import write_report
 
     result = write_report(open_project(project_dir), out)
     emit(as_json, {k: str(v) if k != "summary" else v for k, v in result.items()},
-          lambda: console().print(f"Report: {result['html']}\n        {result['markdown']}"))
+          lambda: console().print(f"Report: {result['html']}\n        {result['markdown']}\n        {result['json']}"))

@@ -1,4 +1,4 @@
-"""The report's three plots, as PNG bytes (matplotlib, Agg backend, imported only when drawing)."""
+"""The report's plots, as PNG bytes (matplotlib, Agg backend, imported only when drawing)."""
 
 from __future__ import annotations
 
@@ -90,4 +90,53 @@ def cost_png(teacher_only: float, student_hosting: float, teacher_fallback: floa
     ax.set_title("Monthly cost")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="upper right")
+    return _png(fig)
+
+
+def reliability_png(curve: list[dict], ece: float | None, title: str = "Reliability (eval split, vs teacher)") -> bytes:
+    """Accuracy against mean confidence per equal-width bin, bar width = the bin, with the diagonal
+    of perfect calibration and each bin's count; empty bins are left blank, not drawn at zero."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    ax.plot([0, 1], [0, 1], color="#888", ls=":", lw=1, label="perfectly calibrated")
+    filled = [b for b in curve if b["n"]]
+    ax.bar([(b["low"] + b["high"]) / 2 for b in filled], [b["accuracy"] for b in filled],
+           width=[(b["high"] - b["low"]) * 0.92 for b in filled], color=STUDENT_COLOR, alpha=0.75,
+           label="agreement in bin")
+    ax.plot([b["mean_confidence"] for b in filled], [b["accuracy"] for b in filled], color=TEACHER_COLOR,
+            marker="o", ms=4, lw=1, label="at mean confidence")
+    for b in filled:
+        ax.text((b["low"] + b["high"]) / 2, min(b["accuracy"] + 0.02, 1.0), str(b["n"]), ha="center",
+                va="bottom", fontsize=7, color="#444")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("student confidence")
+    ax.set_ylabel("agreement with the teacher")
+    ax.set_title(title + (f"\nECE {ece:.3f}" if ece is not None else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def slice_gaps_png(slices: list[dict], allowed: float, slice_limit: float, min_examples: int,
+                   title: str = "Gap to the teacher by slice") -> bytes:
+    """Horizontal bars: each slice's gap in points, the allowed gap and the slice-rule limit marked;
+    slices too small to be gated are drawn pale."""
+    plt = _pyplot()
+    rows = list(reversed(slices))
+    fig, ax = plt.subplots(figsize=(7.2, max(2.4, 0.32 * len(rows) + 1.2)))
+    colors = [(TEACHER_COLOR if s["gap_points"] > slice_limit else STUDENT_COLOR) for s in rows]
+    alphas = [0.9 if s["n"] >= min_examples else 0.35 for s in rows]
+    for k, (s, c, a) in enumerate(zip(rows, colors, alphas)):
+        ax.barh(k, s["gap_points"], color=c, alpha=a)
+        ax.text(s["gap_points"], k, f" {s['gap_points']:.1f} (n={s['n']})", va="center", fontsize=7)
+    ax.set_yticks(range(len(rows)), [f"{s['kind']}: {s['name']}"[:40] for s in rows], fontsize=8)
+    ax.axvline(allowed, color="#888", ls=":", lw=1, label=f"allowed gap {allowed:g}")
+    ax.axvline(slice_limit, color=TEACHER_COLOR, ls="--", lw=1, label=f"slice limit {slice_limit:g}")
+    ax.axvline(0, color="#222", lw=0.8)
+    ax.set_xlabel("teacher minus student, percentage points (pale: fewer than "
+                  f"{min_examples} examples, not gated)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _png(fig)

@@ -3,13 +3,16 @@ student may be deployed, how much traffic it can take and what that saves.
 
 Everything shown is read back from the store (counts, the eval lock, each student's newest
 evaluation) and recomputed where it is cheap (gate verdicts, economics), so the report never
-disagrees with `stillroom gate`. `summary` in the return value is the same content for scripts.
+disagrees with `stillroom gate`. `summary` in the return value is the same content for scripts,
+also written as report.json. An evaluation against an older eval lock is marked stale wherever it
+appears, with the re-lock's reason.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 from pathlib import Path
 
 from stillroom.curate.lock import active_lock
@@ -22,7 +25,8 @@ from stillroom.store.records import counts, latest_run
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_ERRORS_SHOWN = 10
 MAX_INPUT_SHOWN = 300
-PLOTS = ("confusion", "coverage", "cost")
+PLOTS = ("confusion", "coverage", "reliability", "slices", "cost")
+WORST_SLICES_SHOWN = 8
 
 
 # ---- formatting, shared by the Markdown writer and the template --------------------------------
@@ -101,14 +105,15 @@ def _missing_stages(data: dict, lock, students: list[dict]) -> list[str]:
 
 def _student_row(project: Project, student, run: dict | None) -> dict:
     row = {"name": student.name, "kind": student.kind, "status": "not trained", "evaluation": None,
-           "gate": None, "gate_error": None, "stale": False}
+           "gate": None, "gate_error": None, "stale": False, "stale_reason": None}
     if run is None:
         return row
     evaluation = latest_evaluation(project, student.name)
     if evaluation is None:
         row["status"] = "not evaluated"
         return row
-    row.update(status="evaluated", evaluation=evaluation, stale=bool(evaluation.get("stale")))
+    row.update(status="evaluated", evaluation=evaluation, stale=bool(evaluation.get("stale")),
+               stale_reason=(evaluation.get("lock_status") or {}).get("message"))
     try:
         row["gate"] = decide(evaluation, project.config.gate).as_dict()
     except ValueError as exc:  # e.g. gate.reference 'human' without human labels
@@ -159,6 +164,45 @@ def _verdict(chosen: dict | None, econ, missing: list[str]) -> dict:
             "message": message}
 
 
+def _slice_view(sl: dict) -> dict:
+    return dict(sl, examples=[dict(e, input=clip(e["input"], 160)) for e in sl.get("examples", [])])
+
+
+def _details(project: Project, chosen: dict | None) -> dict | None:
+    """The chosen student's three-way table, gap intervals, calibration, slices and shadow traffic;
+    None for an evaluation recorded before these existed (the report then says to re-run eval)."""
+    ev = chosen["evaluation"] if chosen else None
+    if ev is None:
+        return None
+    if "gap" not in ev:
+        return {"outdated": True}
+    gate = chosen["gate"] or {}
+    reference = gate.get("reference") or "teacher"
+    slices = (ev.get("slices") or {}).get(reference) or {"slices": [], "empty": [], "min_examples": 0}
+    cfg = project.config.gate
+    worst = sorted(slices["slices"], key=lambda s: (not s["gated"], -s["gap_points"], -s["n"]))
+    shadow = latest_evaluation(project, chosen["name"], kind="shadow")
+    return {
+        "outdated": False,
+        "reference": reference,
+        "three_way": ev["three_way"],
+        "gaps": [g for g in (ev["gap"].get("teacher"), ev["gap"].get("human")) if g],
+        "calibration": ev.get("confidence_calibration"),
+        "slices": [_slice_view(x) for x in worst[:WORST_SLICES_SHOWN]],
+        "slices_all": slices["slices"],
+        "empty_slices": slices["empty"],
+        "slice_min_examples": cfg.slice_min_examples,
+        "slice_limit": cfg.slice_gap_multiple * cfg.allowed_gap_points,
+        "failing_slices": gate.get("failing_slices") or [],
+        "shadow": None if shadow is None else {
+            "n": shadow["vs_teacher"]["n"], "agreement": shadow["agreement"], "gap": shadow["gap"]["teacher"],
+            "traffic": shadow["traffic"], "ece": shadow["confidence_calibration"]["ece"],
+            "worst_slices": [_slice_view(x) for x in sorted(shadow["slices"]["teacher"]["slices"],
+                                                            key=lambda s: (not s["gated"], -s["gap_points"]))[:5]],
+        },
+    }
+
+
 def gather(project: Project) -> dict:
     """Everything the report shows, as plain data (also the machine-readable summary's source)."""
     cfg = project.config
@@ -202,21 +246,31 @@ def gather(project: Project) -> dict:
         "n_errors": n_errors if ev else 0,
         "missing": missing,
         "verdict": _verdict(chosen, econ, missing),
+        "details": _details(project, chosen),
         "gate_config": {"preset": cfg.gate.preset, "allowed_gap_points": cfg.gate.allowed_gap_points,
-                        "reference": cfg.gate.reference, "min_human_examples": cfg.gate.min_human_examples},
+                        "reference": cfg.gate.reference, "min_human_examples": cfg.gate.min_human_examples,
+                        "mode": cfg.gate.mode, "slice_min_examples": cfg.gate.slice_min_examples,
+                        "slice_gap_multiple": cfg.gate.slice_gap_multiple,
+                        "bootstrap_resamples": cfg.gate.bootstrap_resamples},
         "target_agreement": cfg.routing.target_agreement,
     }
 
 
 def _summary(ctx: dict) -> dict:
     ev = ctx["evaluation"]
+    d = ctx["details"] if ctx["details"] and not ctx["details"]["outdated"] else None
     students = []
     for r in ctx["students"]:
         e = r["evaluation"]
         students.append({
             "name": r["name"], "kind": r["kind"], "status": r["status"], "stale": r["stale"],
+            "stale_reason": r["stale_reason"], "lock_id": e["lock_id"] if e else None,
             "agreement": e["agreement"] if e else None,
             "macro_f1": e["vs_teacher"]["macro_f1"] if e else None,
+            "micro_f1": e["vs_teacher"].get("micro_f1") if e else None,
+            "three_way": e.get("three_way") if e else None,
+            "gap": e.get("gap") if e else None,
+            "ece": (e.get("confidence_calibration") or {}).get("ece") if e else None,
             "vs_human": ({k: e["vs_human"][k] for k in ("n", "student_accuracy", "teacher_accuracy")}
                          if e else None),
             "gate": r["gate"], "gate_error": r["gate_error"],
@@ -232,6 +286,11 @@ def _summary(ctx: dict) -> dict:
         "students": students,
         "routing": ({"calibration": ev["calibration"], "eval_at_threshold": ev["at_threshold"]} if ev else None),
         "economics": ctx["economics"].as_dict() if ctx["economics"] else None,
+        "gate_config": ctx["gate_config"],
+        "slices": ({k: d[k] for k in ("reference", "slices_all", "empty_slices", "failing_slices")}
+                   if d else None),
+        "calibration": d["calibration"] if d else None,
+        "shadow": d["shadow"] if d else None,
         "missing_stages": ctx["missing"],
     }
 
@@ -254,6 +313,13 @@ def _plots(ctx: dict) -> tuple[dict[str, bytes], str | None]:
                                                    f"'{ev['student']}' vs teacher (eval split)")
             out["coverage"] = plots.coverage_png(ev["coverage_curve"], ev["calibration"]["threshold"],
                                                  ev["calibration"]["target"])
+            d = ctx["details"]
+            if d and not d["outdated"]:
+                out["reliability"] = plots.reliability_png(d["calibration"]["reliability"], d["calibration"]["ece"])
+                if d["slices"]:
+                    out["slices"] = plots.slice_gaps_png(
+                        d["slices"], ctx["gate_config"]["allowed_gap_points"], d["slice_limit"],
+                        d["slice_min_examples"], f"Gap to the teacher by slice (worst {len(d['slices'])}, vs {d['reference']})")
         if econ:
             out["cost"] = plots.cost_png(econ.teacher_only_monthly, econ.student_hosting_monthly,
                                          econ.teacher_fallback_monthly)
@@ -276,8 +342,11 @@ def _gate_text(row: dict) -> str:
         return f"ERROR: {row['gate_error']}" if row["gate_error"] else "—"
     word = "PASS" if gate["passed"] else "FAIL"
     stale = ", stale eval" if gate["stale"] else ""
+    ci = (f", {gate['confidence']:.0%} CI {gate['ci_low']:.2f} to {gate['ci_high']:.2f}"
+          if gate.get("ci_high") is not None else "")
+    slices = f", {len(gate['failing_slices'])} slice(s) over the limit" if gate.get("failing_slices") else ""
     return (f"{word} (gap {gate['gap_points']:.2f} / allowed {gate['allowed_points']:g} pts, "
-            f"vs {gate['reference']}{stale})")
+            f"vs {gate['reference']}; {gate.get('mode', 'point')} mode{ci}{slices}{stale})")
 
 
 def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> str:
@@ -308,10 +377,13 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
             continue
         h = e["vs_human"]
         rows.append([r["name"] + (" (stale)" if r["stale"] else ""), r["kind"], pct(e["agreement"]),
-                     pct(e["vs_teacher"]["macro_f1"]), pct(h["student_accuracy"]), pct(h["teacher_accuracy"]),
-                     h["n"], _md_cell(_gate_text(r))])
-    L += _table(["student", "kind", "agreement with teacher", "macro-F1 (vs teacher)", "student vs human",
-                 "teacher vs human", "n human", "gate"], rows)
+                     pct(e["vs_teacher"]["macro_f1"]), pct(e["vs_teacher"].get("micro_f1")),
+                     pct(h["student_accuracy"]), pct(h["teacher_accuracy"]), h["n"], _md_cell(_gate_text(r))])
+    L += _table(["student", "kind", "agreement with teacher", "macro-F1 (vs teacher)", "micro-F1 (vs teacher)",
+                 "student vs human", "teacher vs human", "n human", "gate"], rows)
+    for r in ctx["students"]:
+        if r["stale"]:
+            L += [f"**Stale:** the evaluation of '{_md_cell(r['name'])}' {_md_cell(r['stale_reason'] or 'ran against an older eval lock')}.", ""]
     g = ctx["gate_config"]
     L += [f"Gate: preset {g['preset']}, allowed gap {g['allowed_gap_points']:g} points, reference {g['reference']} "
           f"(human labels are used from {g['min_human_examples']} on). A stale evaluation ran against an older "
@@ -319,6 +391,8 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
 
     if ctx["chosen"]:
         L += [f"Chosen student: **{_md_cell(ctx['chosen']['name'])}** ({ctx['chosen_reason']}).", ""]
+    if ctx["details"]:
+        L += _md_details(ctx, plot_files)
     if ev:
         vt = ev["vs_teacher"]
         L += [f"## Per-class results: {_md_cell(ev['student'])} vs teacher", ""]
@@ -381,6 +455,64 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
     return "\n".join(L)
 
 
+def _ci(g: dict | None) -> str:
+    if not g or g.get("estimate") is None:
+        return "—"
+    return f"{g['estimate']:.2f} pts ({g['confidence']:.0%} CI {g['low']:.2f} to {g['high']:.2f})"
+
+
+def _md_details(ctx: dict, plot_files: dict[str, str]) -> list[str]:
+    d, ev = ctx["details"], ctx["evaluation"]
+    if d["outdated"]:
+        return [f"_The evaluation of '{_md_cell(ev['student'])}' predates confidence intervals and slices; "
+                f"re-run `stillroom eval {ev['student']}` to see them._", ""]
+    L = [f"## Three-way comparison: {_md_cell(ev['student'])}", ""]
+    tw = d["three_way"]
+    L += _table(["comparison", "n", "accuracy", "macro-F1", "micro-F1"], [
+        [name, tw[key]["n"], pct(tw[key]["accuracy"]), pct(tw[key]["macro_f1"]), pct(tw[key]["micro_f1"])]
+        for name, key in (("student vs teacher (agreement)", "student_vs_teacher"),
+                          ("student vs human", "student_vs_human"), ("teacher vs human", "teacher_vs_human"))])
+    if tw.get("message"):
+        L += [f"Note: {tw['message']}.", ""]
+    L += ["Gap (teacher minus student quality, paired bootstrap over eval examples, "
+          f"{ctx['gate_config']['bootstrap_resamples']} resamples):", ""]
+    L += _table(["reference", "n", "teacher", "student", "gap"],
+                [[g["reference"], g["n"], pct(g["teacher"]), pct(g["student"]), _ci(g)] for g in d["gaps"]])
+    cal = d["calibration"]
+    L += ["## Calibration", "",
+          f"Expected calibration error (10 equal-width confidence bins, agreement with the teacher): "
+          f"**{num(cal['ece'], 3)}** on {cal['n']} eval examples.", ""]
+    if "reliability" in plot_files:
+        L += [f"![reliability diagram]({plot_files['reliability']})", ""]
+    L += [f"## Slices (vs {d['reference']}; gated from {d['slice_min_examples']} examples, limit "
+          f"{d['slice_limit']:g} points)", ""]
+    for f in d["failing_slices"]:
+        L += [f"- **FAILS the slice rule:** {f['kind']} = {_md_cell(f['name'])} ({f['n']} examples): "
+              f"{f['gap_points']:.2f} points behind", ""]
+    if d["slices"]:
+        L += _table(["slice", "n", "teacher", "student", "gap (pts)", "gated", "examples the student loses"], [
+            [f"{s['kind']}: {_md_cell(s['name'])}", s["n"], pct(s["teacher_score"]), pct(s["student_score"]),
+             f"{s['gap_points']:.2f}", "yes" if s["gated"] else "no (too few)",
+             "; ".join(f"{_md_cell(e['input'])} → {_md_cell(e.get('student'))} (ref {_md_cell(e.get('human') if d['reference'] == 'human' else e.get('teacher'))})"
+                       for e in s["examples"]) or "—"]
+            for s in d["slices"]])
+    for e in d["empty_slices"]:
+        L += [f"- {e['kind']} {_md_cell(e['name'])}: {_md_cell(e['message'])}"]
+    if d["empty_slices"]:
+        L += [""]
+    if "slices" in plot_files:
+        L += [f"![gap by slice]({plot_files['slices']})", ""]
+    sh = d["shadow"]
+    if sh:
+        t = sh["traffic"]
+        L += ["## Shadow evaluation on logged traffic", "",
+              f"{sh['n']} logged requests with a teacher answer: agreement {pct(sh['agreement'])}, gap {_ci(sh['gap'])}, "
+              f"ECE {num(sh['ece'], 3)}. Not scored: {t['gateway_student_served']} served by the student (no "
+              f"teacher answer), {t['unparseable_teacher_answers']} unparseable teacher answers; "
+              f"{t['seen_in_training']} of the scored inputs were also training inputs.", ""]
+    return L
+
+
 def _assumptions(econ) -> str:
     return (f"{econ.requests_per_month:,} requests/month of {econ.input_tokens_per_request:,} input + "
             f"{econ.output_tokens_per_request:,} output tokens; teacher {money(econ.teacher_price_in)} / "
@@ -407,8 +539,8 @@ def _html(ctx: dict, plots: dict[str, bytes], plot_note: str | None) -> str:
 
 
 def write_report(project: Project, out_dir: Path | None = None) -> dict:
-    """Write report.md (+ PNG plots beside it) and a self-contained report.html; returns
-    {"markdown": path, "html": path, "summary": {...}}."""
+    """Write report.md (+ PNG plots beside it), a self-contained report.html and report.json;
+    returns {"markdown": path, "html": path, "json": path, "summary": {...}}."""
     out_dir = Path(out_dir) if out_dir is not None else project.workspace / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = gather(project)
@@ -422,6 +554,9 @@ def write_report(project: Project, out_dir: Path | None = None) -> dict:
         elif path.exists():
             path.unlink()  # a plot from an earlier report would no longer match the data
     md_path, html_path = out_dir / "report.md", out_dir / "report.html"
+    summary = _summary(ctx)
     md_path.write_text(_markdown(ctx, plot_files, plot_note), encoding="utf-8")
     html_path.write_text(_html(ctx, plots, plot_note), encoding="utf-8")
-    return {"markdown": md_path, "html": html_path, "summary": _summary(ctx)}
+    json_path = out_dir / "report.json"
+    json_path.write_text(json.dumps(summary, indent=1, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+    return {"markdown": md_path, "html": html_path, "json": json_path, "summary": summary}

@@ -141,13 +141,149 @@ def define(metadata: MetaData, upto: int = 10**6) -> dict[str, Table]:
         Column("finished_at", DateTime(timezone=True), nullable=False),
     )
     if upto >= 2:  # m0002: labeling engine
-        pass
+        # One row per paid teacher call, written before it is sent: a row still 'pending' after a
+        # crash was in flight, and is re-sent with the same request hash as its Idempotency-Key.
+        t["label_intents"] = Table(
+            "label_intents", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("request_hash", String(64), nullable=False, unique=True),  # = responses.request_hash
+            Column("example_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("sample", Integer, nullable=False),
+            Column("model", String(255), nullable=False),
+            Column("status", String(16), nullable=False, index=True),  # pending | done | failed
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("error", Text),  # why it failed (last error after the retries)
+            Column("batch_id", Integer, ForeignKey("label_batches.id")),  # sent in a batch job
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+        # Provider batch jobs: persisted before and after submission so a restart resumes polling.
+        t["label_batches"] = Table(
+            "label_batches", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("model", String(255), nullable=False),
+            Column("base_url", Text, nullable=False),
+            Column("status", String(24), nullable=False, index=True),  # submitting | submitted | done | failed
+            Column("input_file_id", String(255)),
+            Column("provider_batch_id", String(255)),
+            Column("provider_status", String(32)),
+            Column("output_file_id", String(255)),
+            Column("error_file_id", String(255)),
+            Column("n_requests", Integer, nullable=False),
+            Column("error", Text),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+        )
+        # What review should look at: low agreement, ties, invalid teacher answers, rejected or
+        # truncated inputs. `key` makes re-running a labeling pass add no duplicates.
+        t["label_flags"] = Table(
+            "label_flags", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("key", String(64), nullable=False, unique=True),
+            Column("example_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            # low_agreement | tie | no_valid_answer | invalid_output | bad_input | truncated | encoding
+            Column("kind", String(32), nullable=False, index=True),
+            Column("detail", Text, nullable=False),
+            Column("model", String(255)),
+            Column("agreement", Float),
+            Column("response_id", Integer, ForeignKey("responses.id")),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
     if upto >= 3:  # m0003: curation
-        pass
+        from sqlalchemy import LargeBinary, UniqueConstraint
+
+        t["review_flags"] = Table(  # items a reviewer must see (low consensus, conflicting near-dups, ...)
+            "review_flags", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("example_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("reason", Text, nullable=False),
+            Column("source", String(64), nullable=False),  # who flagged: labeling | dedupe | ...
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
+        t["review_decisions"] = Table(  # append-only; the latest per example is in force
+            "review_decisions", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("example_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("decision", String(16), nullable=False),  # accept | fix | discard
+            Column("label", Text),  # the reviewer's label, for fix
+            Column("reviewer", String(255), nullable=False),
+            Column("source", Text, nullable=False),  # file:line the decision came from
+            Column("note", Text),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
+        t["redactions"] = Table(  # redacted copies; the original example (and its hash) is never rewritten
+            "redactions", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("source_hash", String(64), nullable=False),  # sha256 of the original text
+            Column("field", String(16), nullable=False),  # input | output
+            Column("config_hash", String(64), nullable=False),  # the PII settings that produced it
+            Column("redacted_text", Text, nullable=False),
+            Column("findings", Text, nullable=False),  # JSON [[type, start, end], ...]; never the values
+            Column("n_findings", Integer, nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            UniqueConstraint("source_hash", "field", "config_hash", name="uq_redactions_source"),
+        )
+        t["embedding_cache"] = Table(
+            "embedding_cache", metadata,
+            Column("content_hash", String(64), primary_key=True),
+            Column("model", String(64), primary_key=True),
+            Column("vector", LargeBinary, nullable=False),  # float32, L2-normalised
+        )
+        t["exclusions"] = Table(  # why curation took an example out of training
+            "exclusions", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("example_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("reason", String(32), nullable=False),  # eval_near_duplicate | train_near_duplicate
+            Column("detail", Text, nullable=False),  # JSON
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
+        t["dataset_versions"] = Table(
+            "dataset_versions", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("manifest_sha256", String(64), nullable=False, index=True),
+            Column("n_examples", Integer, nullable=False),
+            Column("n_rows", Integer, nullable=False),  # with oversampled copies
+            Column("lock_id", Integer, ForeignKey("eval_locks.id")),
+            Column("path", Text, nullable=False),
+            Column("manifest", Text, nullable=False),  # JSON, as in <path>/manifest.json
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
     if upto >= 4:  # m0004: evaluation
-        pass
+        # One row per LLM-judge call (after retries); verdict NULL = unparseable, recorded as missing.
+        t["judge_scores"] = Table(
+            "judge_scores", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("evaluation_id", Integer, ForeignKey("evaluations.id"), index=True),
+            Column("student", String(255), nullable=False, index=True),
+            Column("run_id", Integer, ForeignKey("training_runs.id")),
+            Column("item_key", String(255), nullable=False),
+            Column("kind", String(16), nullable=False),  # pairwise | rubric
+            Column("position", String(16)),  # pairwise: student_first | teacher_first
+            Column("candidate", String(16)),  # rubric: student | teacher
+            Column("verdict", String(16)),  # A | B | tie | 1..5; NULL when missing
+            Column("score", Float),  # pairwise: the student's points (1, 0.5, 0); rubric: 1-5
+            Column("attempts", Integer, nullable=False),
+            Column("raw", Text, nullable=False),  # JSON list: every reply, all attempts
+            Column("judge_model", String(255), nullable=False),
+            Column("prompt_name", String(64), nullable=False),
+            Column("prompt_version", String(32), nullable=False),
+            Column("prompt_sha256", String(64), nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
     if upto >= 5:  # m0005: exports
-        pass
+        from sqlalchemy import BigInteger  # a merged 7B model is 28 GB: past a 32-bit INTEGER
+
+        t["artifacts"] = Table(
+            "artifacts", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("run_id", Integer, ForeignKey("training_runs.id"), nullable=False, index=True),
+            Column("format", String(16), nullable=False),  # adapter | merged | int8 | gguf-f16 | gguf-q8_0
+            Column("path", Text, nullable=False),
+            Column("sha256", String(64), nullable=False),  # of the folder's manifest (path, file hash) list
+            Column("size_bytes", BigInteger, nullable=False),
+            Column("metrics", Text),  # JSON: re-evaluation on the locked eval split vs the fp32 student
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
     return t
 
 

@@ -33,4 +33,8 @@ def load_student(path):
     from pathlib import Path
 
     manifest = json.loads((Path(path) / "student.json").read_text(encoding="utf-8"))
+    if manifest.get("format"):  # an exported artifact (merged, int8, GGUF, ...): see train/export.py
+        from stillroom.train.artifacts import load_artifact
+
+        return load_artifact(Path(path))
     return student_class(manifest["kind"]).load(Path(path))

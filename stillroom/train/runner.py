@@ -10,7 +10,7 @@ from typing import Callable
 from stillroom.config import CONFIG_FILE, ConfigError, StudentConfig
 from stillroom.curate.lock import check_no_leakage, verify_lock
 from stillroom.project import Project, ProjectError
-from stillroom.store.records import finish_run, latest_run, split_rows, start_run
+from stillroom.store.records import finish_run, latest_run, start_run
 from stillroom.train.registry import trainer
 
 
@@ -27,10 +27,10 @@ def _student_args(student: StudentConfig):
 
 
 def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    with project.store.engine.connect() as conn:
-        train = [(ex.input, label) for ex, label in split_rows(conn, "train")]
-        val = [(ex.input, label) for ex, label in split_rows(conn, "validation")]
-    return train, val
+    """The curated train/validation pairs: review fixes and discards, dedupe exclusions, balance."""
+    from stillroom.curate.datasets import training_pairs
+
+    return training_pairs(project)
 
 
 def fingerprint(project: Project, student: StudentConfig, lock_sha: str,
