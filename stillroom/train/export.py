@@ -510,9 +510,11 @@ def export_student(project, name: str, formats=("all",), evaluate: bool = True,
 
 
 def _have_llama_cpp() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("llama_cpp") is not None
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _gguf_tokenizer_source(run_dir: Path) -> Path | None:
