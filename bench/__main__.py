@@ -11,6 +11,7 @@ BENCHMARKS = {
     "eval_banking77": "evaluation on Banking77: gap with 95% CI, both gate modes, slice report, calibration",
     "near_duplicates": "Banking77 test inputs with a near-duplicate (MiniLM cosine) in train, per threshold",
     "labeling_throughput": "5,000 inputs, loopback teacher at 200 ms, concurrency 64: achieved/ideal, overhead per call",
+    "train_speed": "LoRA SmolLM2-135M training tokens/s on the CPU, stillroom vs TRL SFTTrainer, interleaved",
 }
 
 

@@ -16,62 +16,33 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import dataset_dir, write_result
+from bench.common import banking77_project, dataset_dir, write_result
 
 
 def main(quick: bool = False) -> None:
     data = dataset_dir("banking77")
     if data is None:
         return
-    from stillroom.capture.importers import import_file
-    from stillroom.curate.lock import find_leaks, lock_eval
-    from stillroom.curate.split import exclude_examples, split_project
     from stillroom.evaluate.evaluator import evaluate_student
     from stillroom.evaluate.gate import decide
-    from stillroom.project import Project, init_project
     from stillroom.train.runner import train_student
 
-    import yaml
-
-    labels = json.loads((data / "categories.json").read_text())
+    target = 0.99
     work = Path(tempfile.mkdtemp(prefix="bench-banking77-"))
-    seconds: dict[str, float] = {}
     started = time.perf_counter()
-
-    def timed(stage, fn, *a, **k):
-        t = time.perf_counter()
-        out = fn(*a, **k)
-        seconds[stage] = round(time.perf_counter() - t, 2)
-        return out
-
     try:
-        init_project(work)
-        target = 0.99
-        config = {"task": {"name": "banking77", "labels": [{"name": l} for l in labels]},
-                  "students": [{"name": "encoder", "kind": "encoder"}],
-                  "split": {"train": 0.8, "validation": 0.05, "calibration": 0.1, "eval": 0.05, "seed": 0},
-                  "routing": {"target_agreement": target}}
-        (work / "stillroom.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-        project = Project.open(work)
-        train_csv, test_csv = data / "train.csv", data / "test.csv"
-        if quick:  # every 5th row: the same pipeline in about a fifth of the time
-            for src in (train_csv, test_csv):
-                lines = src.read_text(encoding="utf-8").splitlines()
-                (work / src.name).write_text("\n".join(lines[:1] + lines[1::5]) + "\n", encoding="utf-8")
-            train_csv, test_csv = work / "train.csv", work / "test.csv"
-        kw = {"input_column": "text", "output_column": "category"}
-        t_eval = timed("import_test_as_eval", import_file, project, test_csv, split="eval", **kw)
-        timed("lock", lock_eval, project, reason="Banking77 test set")
-        t_train = timed("import_train", import_file, project, train_csv, **kw)
-        report = timed("split", split_project, project)
-        leaks = find_leaks(project)
-        excluded = exclude_examples(project, [l["example_id"] for l in leaks])
-        run = timed("train", train_student, project, "encoder")
-        evaluation = timed("eval_and_calibrate", evaluate_student, project, "encoder")
+        project, seconds, info = banking77_project(work, data, quick, target)
+        t = time.perf_counter()
+        run = train_student(project, "encoder")
+        seconds["train"] = round(time.perf_counter() - t, 2)
+        t = time.perf_counter()
+        evaluation = evaluate_student(project, "encoder")
+        seconds["eval_and_calibrate"] = round(time.perf_counter() - t, 2)
         verdict = decide(evaluation, project.config.gate)
         project.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    excluded = info["leaks_excluded"]
 
     metrics = {
         "accuracy_vs_teacher": round(evaluation["agreement"], 4),
@@ -90,7 +61,7 @@ def main(quick: bool = False) -> None:
         "train_inputs_excluded_as_eval_copies": excluded,
         "eval_inputs_per_s": round(evaluation["throughput"]["inputs_per_s"], 1),
         "stage_seconds": seconds,
-        "import_problems": len(t_eval.problems) + len(t_train.problems),
+        "import_problems": info["import_problems"],
     }
     if metrics["agreement_at_threshold"] is not None:
         metrics["agreement_at_threshold"] = round(metrics["agreement_at_threshold"], 4)
@@ -99,7 +70,7 @@ def main(quick: bool = False) -> None:
         goals={"accuracy_vs_teacher": ">= 0.93 (frozen MiniLM + logistic regression, all rows)",
                "agreement_at_threshold": f">= {target} (on the locked eval, at the calibrated threshold)"},
         config={"student": "encoder (all-MiniLM-L6-v2 frozen + logistic regression, C by validation)",
-                "split": report.total, "target_agreement": target, "leaks_excluded": excluded},
+                "split": info["split"], "target_agreement": target, "leaks_excluded": excluded},
         seconds=time.perf_counter() - started,
         summary=(f"encoder accuracy vs teacher {metrics['accuracy_vs_teacher']:.2%}; coverage at {target:.0%} "
                  f"target {metrics['coverage_at_target']:.1%} (calibration), {metrics['coverage_on_eval']:.1%} on eval "

@@ -153,6 +153,14 @@ class StudentConfig(_Strict):
     epochs: Annotated[int, Field(gt=0, le=50)] = 3
     batch_size: Annotated[int, Field(gt=0)] = 8
     seed: int = 0
+    # The artifact that goes to production; the gate and the gateway use its own evaluation.
+    deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
+
+    @model_validator(mode="after")
+    def _encoder_deploys_as_trained(self) -> "StudentConfig":
+        if self.kind == "encoder" and self.deploy != "fp32":
+            raise ValueError("an encoder student deploys as trained: deploy must be 'fp32'")
+        return self
 
 
 class SplitConfig(_Strict):

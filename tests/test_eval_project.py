@@ -7,6 +7,8 @@ import random
 import shutil
 
 import pytest
+
+from stillroom.errors import StillroomError
 import yaml
 from sqlalchemy import insert, select
 from typer.testing import CliRunner
@@ -162,7 +164,7 @@ def test_compare_two_students_with_mcnemar(evaluated):
     assert same["vs_teacher"]["test"]["p_value"] == 1.0 and same["vs_teacher"]["table"]["a_only"] == 0
     with pytest.raises(CompareError, match="no finished training run"):
         compare_sources(project, "encoder", "encoder@run999")
-    with pytest.raises(CompareError, match="artifact sources arrive with exports"):
+    with pytest.raises(StillroomError, match="no gguf-q8_0 export of its newest run; run `stillroom export encoder"):
         compare_sources(project, "encoder", "encoder@q8_0")
     r = runner.invoke(app, ["eval", "--compare", "encoder", "nobody", "-C", str(project.root)])
     assert r.exit_code != 0

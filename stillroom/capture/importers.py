@@ -154,6 +154,29 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def read_text(path: Path, error: type[Exception]) -> str:
+    """A UTF-8 file's text (a BOM is dropped); a missing or non-UTF-8 file raises `error` saying so."""
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+
+
+def read_records(path: Path, input_column: str = "input", output_column: str = "output"
+                 ) -> tuple[list[Record], list[tuple[int, str]]]:
+    """Parse a JSONL or CSV file into records and (line, problem) pairs; writes nothing."""
+    path = Path(path)
+    data = read_text(path, ImportFileError)
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return read_jsonl(data)
+    if suffix in (".csv", ".tsv"):
+        return read_csv(data, input_column, output_column)
+    raise ImportFileError(f"{path}: unknown format '{suffix}'; use .jsonl (OpenAI chat format) or .csv")
+
+
 def _check(records: list[Record], problems: list[tuple[int, str]]) -> list[Record]:
     good = []
     for r in records:
@@ -189,19 +212,7 @@ def import_file(
         if split not in SPLITS:
             raise ImportFileError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     report = ImportReport(str(path), role)
-    try:
-        data = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise ImportFileError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise ImportFileError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        records, problems = read_jsonl(data)
-    elif suffix in (".csv", ".tsv"):
-        records, problems = read_csv(data, input_column, output_column)
-    else:
-        raise ImportFileError(f"{path}: unknown format '{suffix}'; use .jsonl (OpenAI chat format) or .csv")
+    records, problems = read_records(path, input_column, output_column)
     report.lines = len(records) + len(problems)
     records = _check(records, problems)
 

@@ -216,7 +216,7 @@ def gate(
     """Exit 0 if every named student is within the allowed gap to the teacher (and no large slice is
     far behind), 1 if any is not (and by how much, or which slice), 2 if a student has not been
     evaluated. An evaluation against an older eval lock is stale and fails."""
-    from stillroom.evaluate.evaluator import latest_evaluation
+    from stillroom.evaluate.evaluator import deployed_evaluation
     from stillroom.evaluate.gate import decide
 
     project = open_project(project_dir)
@@ -226,10 +226,13 @@ def gate(
     verdicts = {}
     for name in names:
         project.config.student(name)
-        evaluation = latest_evaluation(project, name)
+        # The gate judges what will be deployed (students[].deploy), not the fp32 training copy.
+        evaluation = deployed_evaluation(project, name)
+        deploy = project.config.student(name).deploy
         if evaluation is None:
-            raise UserError(f"student '{name}' has no evaluation; run `stillroom eval {name}`")
-        verdicts[name] = decide(evaluation, project.config.gate, mode).as_dict()
+            fix = f"stillroom eval {name}" if deploy == "fp32" else f"stillroom export {name} --format {deploy}"
+            raise UserError(f"student '{name}' (deploy: {deploy}) has no evaluation; run `{fix}`")
+        verdicts[name] = {**decide(evaluation, project.config.gate, mode).as_dict(), "deploy": deploy}
     from rich.markup import escape
 
     emit(as_json, verdicts, lambda: [console().print(

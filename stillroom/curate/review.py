@@ -19,6 +19,7 @@ from pathlib import Path
 from sqlalchemy import insert, select
 from sqlalchemy.engine import Connection
 
+from stillroom.capture.importers import read_text
 from stillroom.errors import StillroomError
 from stillroom.store import tables as T
 from stillroom.store.db import now
@@ -226,12 +227,7 @@ def _format(path: Path) -> str:
 
 
 def _read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]]]:
-    try:
-        data = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise ReviewFileError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise ReviewFileError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
+    data = read_text(path, ReviewFileError)
     rows, problems = [], []
     if _format(path) == "csv":
         reader = csv.DictReader(io.StringIO(data))

@@ -31,6 +31,7 @@ __all__ = ["CompareError", "mcnemar", "compare_predictions", "resolve_source", "
 EXACT_BELOW = 25  # discordant pairs: the chi-square approximation is poor below this
 SOURCE_KINDS: dict[str, str] = {
     "run": "stillroom.evaluate.compare:run_predictions",
+    "artifact": "stillroom.train.artifacts:artifact_predictions",
 }
 _RUN = re.compile(r"^run:?(\d+)$")
 

@@ -21,7 +21,7 @@ from stillroom.store.db import now, to_json
 from stillroom.store.records import human_labels, latest_run, split_rows
 from stillroom.train.registry import load_student
 
-__all__ = ["evaluate_student", "latest_evaluation", "lock_status", "check_label_set", "load_run_student"]
+__all__ = ["evaluate_student", "latest_evaluation", "deployed_evaluation", "deployed_model_path", "lock_status", "check_label_set", "load_run_student"]
 
 MAX_ERRORS_KEPT = 50
 
@@ -156,3 +156,36 @@ def latest_evaluation(project: Project, name: str, kind: str = "eval") -> dict |
     result["stale"] = status["stale"]
     result["lock_status"] = status if status["stale"] else None
     return result
+
+
+def deployed_evaluation(project: Project, name: str) -> dict | None:
+    """The evaluation of what will actually be deployed (`students[].deploy`): the fp32 training
+    copy's, or the exported artifact's own re-evaluation. The gate and the gateway use this one."""
+    fmt = project.config.student(name).deploy
+    if fmt == "fp32":
+        return latest_evaluation(project, name)
+    from stillroom.train.artifacts import latest_artifact_evaluation
+
+    evaluation = latest_artifact_evaluation(project, name, fmt)
+    if evaluation is not None:
+        evaluation.setdefault("student", name)
+        evaluation["deployed_artifact"] = fmt
+    return evaluation
+
+
+def deployed_model_path(project: Project, name: str) -> str:
+    """Where the deployed artifact of a student's newest run lives (see `deployed_evaluation`)."""
+    fmt = project.config.student(name).deploy
+    with project.store.engine.connect() as conn:
+        run = latest_run(conn, name)
+        if run is None:
+            raise ProjectError(f"student '{name}' has not been trained; run `stillroom train {name}`")
+        if fmt == "fp32":
+            return run["artifact_path"]
+        from stillroom.train.artifacts import latest_artifact
+
+        artifact = latest_artifact(conn, run["id"], fmt)
+    if artifact is None:
+        raise ProjectError(f"student '{name}' deploys the {fmt} artifact, which has not been exported from "
+                           f"run {run['id']}; run `stillroom export {name} --format {fmt}`")
+    return artifact["path"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from sqlalchemy import insert, select
 
-from stillroom.capture.importers import ImportFileError, read_csv, read_jsonl
+from stillroom.capture.importers import read_records
 from stillroom.curate.lock import active_lock
 from stillroom.evaluate.scorecard import Scored, scorecard
 from stillroom.project import Project, ProjectError
@@ -28,17 +28,7 @@ GATEWAY_SOURCE = "gateway"
 
 
 def _read_log(path: Path):
-    try:
-        data = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise ImportFileError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise ImportFileError(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
-    if path.suffix.lower() in (".jsonl", ".json", ".ndjson"):
-        return read_jsonl(data)
-    if path.suffix.lower() in (".csv", ".tsv"):
-        return read_csv(data, "input", "output")
-    raise ImportFileError(f"{path}: unknown format '{path.suffix}'; use .jsonl (OpenAI chat format) or .csv")
+    return read_records(Path(path))
 
 
 def shadow_traffic(project: Project, logs: list[Path] = ()) -> tuple[list[dict], dict]:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stillroom.curate.lock import active_lock
 from stillroom.economics.costs import economics
-from stillroom.evaluate.evaluator import latest_evaluation
+from stillroom.evaluate.evaluator import deployed_evaluation, latest_evaluation
 from stillroom.evaluate.gate import decide
 from stillroom.project import Project
 from stillroom.store.records import counts, latest_run
@@ -100,6 +100,9 @@ def _missing_stages(data: dict, lock, students: list[dict]) -> list[str]:
         elif s["status"] == "not evaluated":
             missing.append(f"eval: student '{s['name']}' is trained but not evaluated; "
                            f"run `stillroom eval {s['name']}`")
+        elif s["status"].endswith("not exported"):
+            missing.append(f"export: student '{s['name']}' deploys {s['deploy']}, which is not exported and "
+                           f"re-evaluated; run `stillroom export {s['name']} --format {s['deploy']}`")
     return missing
 
 
@@ -108,9 +111,10 @@ def _student_row(project: Project, student, run: dict | None) -> dict:
            "gate": None, "gate_error": None, "stale": False, "stale_reason": None}
     if run is None:
         return row
-    evaluation = latest_evaluation(project, student.name)
+    evaluation = deployed_evaluation(project, student.name)  # what will be deployed is what is judged
+    row["deploy"] = student.deploy
     if evaluation is None:
-        row["status"] = "not evaluated"
+        row["status"] = "not evaluated" if student.deploy == "fp32" else f"{student.deploy} not exported"
         return row
     row.update(status="evaluated", evaluation=evaluation, stale=bool(evaluation.get("stale")),
                stale_reason=(evaluation.get("lock_status") or {}).get("message"))

@@ -26,7 +26,7 @@ from sqlalchemy import insert
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from stillroom.backends.base import BackendError, ChatBackend
-from stillroom.evaluate.evaluator import latest_evaluation
+from stillroom.evaluate.evaluator import deployed_evaluation, deployed_model_path
 from stillroom.evaluate.gate import decide
 from stillroom.project import Project, ProjectError
 from stillroom.store import tables as T
@@ -165,7 +165,7 @@ def choose_student(project: Project, student: str | None = None) -> str:
         return name
     trained = []
     for s in cfg.students:
-        evaluation = latest_evaluation(project, s.name)
+        evaluation = deployed_evaluation(project, s.name)
         if evaluation is not None:
             try:
                 if decide(evaluation, cfg.gate).passed:
@@ -199,10 +199,13 @@ def load_routing(project: Project, student: str | None = None) -> Routing:
         run = latest_run(conn, name)
     if run is None:
         raise ProjectError(f"student '{name}' has not been trained; run `stillroom train {name}`")
-    evaluation = latest_evaluation(project, name)
+    # The deployed artifact's own evaluation: quantization moves confidences, so its threshold too.
+    evaluation = deployed_evaluation(project, name)
+    deploy = project.config.student(name).deploy
     if evaluation is None:
-        raise ProjectError(f"student '{name}' has no evaluation of its latest run, so there is no routing "
-                           f"threshold; run `stillroom eval {name}`")
+        fix = f"stillroom eval {name}" if deploy == "fp32" else f"stillroom export {name} --format {deploy}"
+        raise ProjectError(f"student '{name}' (deploy: {deploy}) has no evaluation of its latest run, so there is "
+                           f"no routing threshold; run `{fix}`")
     threshold = float(evaluation["calibration"]["threshold"])
     if threshold > 1:
         logger.warning("'%s' never reached routing.target_agreement on the calibration split: every request "
@@ -218,7 +221,7 @@ def load_routing(project: Project, student: str | None = None) -> Routing:
     if evaluation.get("stale"):
         logger.warning("the evaluation of '%s' ran against an older eval lock; re-run `stillroom eval %s`",
                        name, name)
-    model = load_student(run["artifact_path"])
+    model = load_student(deployed_model_path(project, name))
     model.predict(["warm-up"])  # load embeddings/weights now, not on the first user's request
     return Routing(name, model, threshold, gate_passed, bool(evaluation.get("stale")))
 

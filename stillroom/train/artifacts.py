@@ -296,7 +296,7 @@ def record_artifact(project, run_id: int, fmt: str, path: Path, manifest: dict) 
     return {"id": artifact_id, **row}
 
 
-def _latest_artifact(conn, run_id: int, fmt: str) -> dict | None:
+def latest_artifact(conn, run_id: int, fmt: str) -> dict | None:
     from sqlalchemy import select
 
     table = _artifacts_table()
@@ -356,7 +356,7 @@ def evaluate_artifact(project, name: str, fmt: str, latency_samples: int = 20) -
         run = latest_run(conn, name)
         if run is None:
             raise ArtifactError(f"student '{name}' has not been trained; run `stillroom train {name}`")
-        artifact = _latest_artifact(conn, run["id"], fmt)
+        artifact = latest_artifact(conn, run["id"], fmt)
         eval_rows = split_rows(conn, "eval")
         cal_rows = split_rows(conn, "calibration")
         humans = human_labels(conn)
@@ -482,7 +482,7 @@ def latest_artifact_evaluation(project, name: str, fmt: str) -> dict | None:
 
     with project.store.engine.connect() as conn:
         run = latest_run(conn, name)
-        artifact = _latest_artifact(conn, run["id"], fmt) if run else None
+        artifact = latest_artifact(conn, run["id"], fmt) if run else None
         if artifact is None:
             return None
         rows = conn.execute(
@@ -522,7 +522,7 @@ def artifact_predictions(project, student: str, qualifier: str, rows) -> dict[in
             from stillroom.store.records import latest_run
 
             run = latest_run(conn, student)
-            artifact = _latest_artifact(conn, run["id"], fmt) if run else None
+            artifact = latest_artifact(conn, run["id"], fmt) if run else None
         if artifact is None:
             raise ArtifactError(f"student '{student}' has no {fmt} export of its newest run; "
                                 f"run `stillroom export {student} --format {fmt}`")
