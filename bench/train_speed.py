@@ -105,8 +105,7 @@ def _stillroom_segment(rows, labels, warmup: int, seed: int) -> dict:
                              target_modules=tuple(LORA["target_modules"]), learning_rate=LR, epochs=1,
                              batch_size=BATCH, seed=seed, threads=THREADS)
     with tempfile.TemporaryDirectory(prefix="bench-train-speed-") as out:
-        result = lora.train_lora(rows, rows[:BATCH], labels, Path(out), config,
-                                 progress=progress)
+        result = lora.train_lora(rows, rows[:BATCH], labels, Path(out), config, progress=progress)
     assert torch.get_num_threads() == THREADS
     # The recipe's own batches, rebuilt with its seed, give each step's tokens (checked against its count).
     tokenizer = AutoTokenizer.from_pretrained(base)
