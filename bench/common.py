@@ -61,10 +61,12 @@ def write_result(name: str, dataset: str, quick: bool, metrics: dict, goals: dic
     return path
 
 
-def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99, extra: dict | None = None):
+def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99, extra: dict | None = None,
+                      train_rows: int | None = None):
     """A Banking77 project set up as bench/banking77.py does: the test rows pinned to eval and locked,
     the train rows imported as the teacher's answers and split, eval copies excluded from training.
-    `extra` adds stillroom.yaml sections. Returns (project, timings, info)."""
+    `extra` adds stillroom.yaml sections; `train_rows` keeps a seeded random sample of the train file
+    (a team that labelled only that many). Returns (project, timings, info)."""
     import time
 
     import yaml
@@ -96,6 +98,14 @@ def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99,
             lines = src.read_text(encoding="utf-8").splitlines()
             (work / src.name).write_text("\n".join(lines[:1] + lines[1::5]) + "\n", encoding="utf-8")
         train_csv, test_csv = work / "train.csv", work / "test.csv"
+    if train_rows:
+        import random
+
+        lines = train_csv.read_text(encoding="utf-8").splitlines()
+        body = lines[1:]
+        random.Random(0).shuffle(body)
+        (work / "train-sample.csv").write_text("\n".join(lines[:1] + body[:train_rows]) + "\n", encoding="utf-8")
+        train_csv = work / "train-sample.csv"
     kw = {"input_column": "text", "output_column": "category"}
     t_eval = timed("import_test_as_eval", import_file, project, test_csv, split="eval", **kw)
     timed("lock", lock_eval, project, reason="Banking77 test set")

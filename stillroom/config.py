@@ -241,17 +241,25 @@ class SweepConfig(_Strict):
 
 class StudentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")]
-    kind: Literal["encoder", "lora"]
+    kind: Literal["encoder", "lora", "full"]  # full: full fine-tuning, every weight trains
     # encoder
     head: Literal["logreg", "mlp"] = "logreg"
+    # encoder: fine-tune the MiniLM body on same/different-label sentence pairs (SetFit-style)
+    # before fitting the head; slower to train, usually more accurate on many-class tasks.
+    finetune: bool = False
+    finetune_pairs: Annotated[int, Field(ge=2, le=1_000_000)] = 4000  # pairs made from the train split
+    finetune_epochs: Annotated[int, Field(gt=0, le=20)] = 1
     # lora
     base_model: str = "smollm2-135m-instruct"
     rank: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[int, Field(gt=0)] = 32
-    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-4
+    learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-4  # kind full: 2e-5 unless set
     epochs: Annotated[int, Field(gt=0, le=50)] = 3
     batch_size: Annotated[int, Field(gt=0)] = 8
     seed: int = 0
+    # lora: "4bit" trains QLoRA (bitsandbytes NF4 base; needs a CUDA GPU)
+    quantization: Literal["4bit"] | None = None
+    checkpoint_every: Annotated[int, Field(ge=0)] = 50  # optimizer steps between resumable checkpoints; 0: none
     # The artifact that goes to production; the gate and the gateway use its own evaluation.
     deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
     # The grid `stillroom sweep NAME` trains; None: the built-in default grid.
@@ -261,6 +269,23 @@ class StudentConfig(_Strict):
     def _encoder_deploys_as_trained(self) -> "StudentConfig":
         if self.kind == "encoder" and self.deploy != "fp32":
             raise ValueError("an encoder student deploys as trained: deploy must be 'fp32'")
+        tuning = {"finetune", "finetune_pairs", "finetune_epochs"} & self.model_fields_set
+        if self.kind != "encoder" and tuning:
+            raise ValueError(f"{', '.join(sorted(tuning))} applies to kind 'encoder' only")
+        return self
+
+    @model_validator(mode="after")
+    def _generative_settings(self) -> "StudentConfig":
+        if self.kind == "full" and "learning_rate" not in self.model_fields_set:
+            self.learning_rate = 2e-5  # every weight moves: LoRA's 3e-4 would wreck the base model
+        if self.quantization and self.kind != "lora":
+            raise ValueError("quantization '4bit' (QLoRA) applies to kind 'lora' only")
+        if self.kind != "encoder":
+            from stillroom.models import BASE_MODELS
+
+            if self.base_model not in BASE_MODELS and not Path(self.base_model).is_dir():
+                raise ValueError(f"base_model {self.base_model!r} is neither a known base model "
+                                 f"({', '.join(BASE_MODELS)}) nor an existing Hugging Face model folder")
         return self
 
 
@@ -374,6 +399,9 @@ class PiiConfig(_Strict):
     input: list[str] = Field(default_factory=lambda: [*PII_TYPES, "custom"])
     output: list[str] = Field(default_factory=lambda: [*PII_TYPES, "custom"])
     patterns: list[PiiPattern] = Field(default_factory=list)
+    # The gateway's teacher fallback is live traffic a client sent to this service on purpose: it goes
+    # to the teacher as sent unless this is on (then its `input` types are redacted there too).
+    redact_live: bool = False
 
     @model_validator(mode="after")
     def _known_types(self) -> "PiiConfig":

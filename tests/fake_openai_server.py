@@ -10,6 +10,17 @@ one: "429" (with Retry-After), "500", "503", "timeout" (answers and bills, but o
 the answer: `[[answers:a,b,c]]` (the k-th billed call for that input answers the k-th item),
 `[[garbage]]` (an answer that is no label), `[[fail]]` (always HTTP 500).
 
+Structured output: `scripted[text] = [answer, ...]` answers any request whose last message contains
+`text` with the k-th item on its k-th billed call (JSON records, long texts: anything with commas);
+`response_formats` holds the `response_format` of every chat request (None when absent), and
+`refuse_response_format = True` answers a request carrying one with HTTP 400 naming it, unbilled,
+as endpoints without structured output do.
+
+Paraphrase requests (stillroom's `curate augment` prompt) get a JSON array of k rewrites; in the
+input, `[[para:a|b|c]]` makes the array exactly ["a", "b", "c"] (an item `x*500` is x 500 times)
+and `[[garbage]]` makes it prose.
+`prompts` keeps the last user message of every chat request, to check what was sent.
+
 Run standalone for benchmarks: `python tests/fake_openai_server.py --latency-ms 200 [--lean]`
 prints `ready PORT` once it listens. `--lean` serves chat completions only, from a bare asyncio
 HTTP/1.1 server, so that a throughput benchmark measures the client rather than this server.
@@ -41,6 +52,9 @@ KEYWORDS = {
     "shipping": ["package", "delivery", "tracking", "courier", "parcel", "shipment"],
 }
 _MARK = re.compile(r"\[\[answers:([^\]]*)\]\]")
+_PARA_ASK = re.compile(r"^Rewrite the message below in (\d+) different ways")
+_PARA = re.compile(r"\[\[para:([^\]]*)\]\]")
+_REWRITES = ["Quick question: {t}", "{t} Can you help?", "Hello, {t}", "Please advise: {t}", "{t} Thanks!"]
 
 
 def _error(status: int, message: str, kind: str = "server_error", headers: dict | None = None) -> JSONResponse:
@@ -75,6 +89,11 @@ class FakeOpenAI:
         self.keyless = 0  # chat requests without an Idempotency-Key
         self.seen_at: dict[str, list[float]] = collections.defaultdict(list)  # key -> request times
         self.temperatures: list = []
+        self.response_formats: list = []  # the response_format of every chat request (None: none sent)
+        self.refuse_response_format = False
+        self.scripted: dict[str, list[str]] = {}
+        self.batch_bodies: list[dict] = []  # the request bodies of every batch line
+        self.prompts: list[str] = []
         self.received_create_batch = threading.Event()
         self._stored: dict[str, dict] = {}
         self._per_text: collections.Counter = collections.Counter()
@@ -95,8 +114,26 @@ class FakeOpenAI:
 
     # ---- answers ----
 
+    def paraphrases(self, k: int, text: str) -> str:
+        marked = _PARA.search(text)
+        if marked:  # "word*500" stands for the word 500 times (an over-long paraphrase)
+            items = [re.sub(r"^(.*)\*(\d+)$", lambda m: m.group(1) * int(m.group(2)), item)
+                     for item in marked.group(1).split("|")]
+            return json.dumps(items)
+        if "[[garbage]]" in text:
+            return "Sure! Here are some ways to say it, I hope they help."
+        return json.dumps([_REWRITES[i % len(_REWRITES)].format(t=text) for i in range(k)])
+
     def answer(self, content: str) -> str:
+        for key, answers in self.scripted.items():
+            if key in content:
+                nth = self._per_text[key]
+                self._per_text[key] += 1
+                return answers[nth % len(answers)]
         text = message_of(content)
+        asked = _PARA_ASK.match(content)
+        if asked:
+            return self.paraphrases(int(asked.group(1)), text)
         nth = self._per_text[text]
         self._per_text[text] += 1
         marked = _MARK.search(text)
@@ -139,12 +176,17 @@ class FakeOpenAI:
         except ValueError:
             return _error(400, "body is not JSON", "invalid_request_error")
         self.temperatures.append(body.get("temperature"))
+        self.response_formats.append(body.get("response_format"))
         if self.refuse_with:
             return _error(self.refuse_with, "Incorrect API key provided", "invalid_request_error")
         if key and key in self._stored:
             self.replayed += 1
             return JSONResponse(self._stored[key], headers={"Idempotent-Replayed": "true"})
+        if self.refuse_response_format and body.get("response_format") is not None:
+            return _error(400, "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
+                               "with this model.", "invalid_request_error")
         last = str((body.get("messages") or [{}])[-1].get("content", ""))
+        self.prompts.append(last)
         if "[[fail]]" in last:
             return _error(500, "this input always fails")
         fault = self.faults.popleft() if self.faults else None
@@ -240,6 +282,7 @@ class FakeOpenAI:
         out, err = [], []
         for line in filter(None, lines):
             req = json.loads(line)
+            self.batch_bodies.append(req["body"])
             last = str(req["body"]["messages"][-1].get("content", ""))
             if "[[fail]]" in last:
                 err.append({"id": f"batch_req_{next(self._ids)}", "custom_id": req["custom_id"], "response": None,

@@ -51,3 +51,27 @@ def test_ray_fans_out_and_the_driver_records_everything_once(make_project, local
 
         again = label_examples(project, use_ray=True)  # only the tie is left; nothing is paid again
         assert again.examples == 1 and again.calls_paid == 0 and fake.charged == 62
+
+
+def test_ray_workers_fall_back_when_the_endpoint_refuses_response_format(tmp_path, local_ray):
+    import json
+
+    from stillroom.project import Project, init_project
+
+    fake = FakeOpenAI()
+    fake.refuse_response_format = True
+    fake.scripted = {f"invoice {i}": [json.dumps({"vendor": f"V{i}"})] for i in range(6)}
+    schema = {"type": "object", "properties": {"vendor": {"type": "string"}}}
+    with FakeServer(fake) as server:
+        init_project(tmp_path / "p")
+        (tmp_path / "p" / "stillroom.yaml").write_text(
+            f"task: {{name: inv, type: extraction, schema: {json.dumps(schema)}}}\n" + teacher_extra(
+                server.url, labeling=", concurrency: 2, ray_workers: 1"), encoding="utf-8")
+        project = Project.open(tmp_path / "p")
+        add_inputs(project, [f"invoice {i}" for i in range(6)])
+
+        report = label_examples(project, use_ray=True)
+        assert report.labelled == 6 and not report.failures and report.structured_output.startswith("refused")
+        assert fake.charged == 6 and max(fake.charged_by_key.values()) == 1
+        assert label_examples(project, use_ray=True).calls_paid == 0 and fake.charged == 6
+        project.close()

@@ -231,7 +231,8 @@ def test_scorecard_names_labels_the_task_does_not_list(make_project):
     rows[1].human = None
     card = scorecard(project.task, rows, GateConfig(bootstrap_resamples=100))
     assert card["agreement"] == 1.0 and card["vs_human"]["n"] == 0
-    assert card["three_way"]["teacher_vs_human"] == {"n": 0, "accuracy": None, "macro_f1": None, "micro_f1": None}
+    assert card["three_way"]["teacher_vs_human"] == {"n": 0, "score": None, "accuracy": None, "macro_f1": None,
+                                                     "micro_f1": None}
     assert "no human labels" in card["three_way"]["message"] and card["gap"]["human"] is None
     empty = [e["name"] for e in card["slices"]["teacher"]["empty"]]
     assert empty == ["other"]  # a class with no examples is named, not scored as zero

@@ -7,7 +7,7 @@ from typing import Protocol, runtime_checkable
 
 from stillroom.errors import StillroomError
 
-__all__ = ["BackendError", "ChatBackend", "Completion"]
+__all__ = ["BackendError", "ChatBackend", "Completion", "refuses_response_format"]
 
 
 @dataclass
@@ -35,9 +35,19 @@ class BackendError(StillroomError):
         self.retry_after = retry_after
 
 
+def refuses_response_format(exc: BackendError) -> bool:
+    """True when an endpoint turned a call down because of its `response_format` (structured output):
+    an HTTP 400 whose message names it. The same call without it may well succeed."""
+    text = exc.message.lower()
+    return exc.status_code == 400 and any(k in text for k in ("response_format", "json_schema", "structured output"))
+
+
 @runtime_checkable
 class ChatBackend(Protocol):
-    """Answers a list of OpenAI-style chat messages. `name` says what answers (a model name)."""
+    """Answers a list of OpenAI-style chat messages. `name` says what answers (a model name).
+
+    A backend whose class sets `supports_response_format = True` also takes a `response_format`
+    keyword (OpenAI's structured output: `{"type": "json_schema", ...}`) and passes it on."""
 
     name: str
 

@@ -32,6 +32,7 @@ def _litellm():
 class LiteLLMBackend:
     can_stream = False
     accepts_idempotency_key = True  # passed on as an extra header; providers that know it honour it
+    supports_response_format = True  # litellm's `response_format`, translated per provider
 
     def __init__(self, model: str, base_url: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 30.0):
@@ -64,7 +65,8 @@ class LiteLLMBackend:
                             retry_after=retry_after_seconds({k.lower(): v for k, v in dict(headers).items()}))
 
     async def chat(self, messages: list[dict], max_tokens: int | None = None,
-                   temperature: float | None = None, idempotency_key: str | None = None) -> Completion:
+                   temperature: float | None = None, idempotency_key: str | None = None,
+                   response_format: dict | None = None) -> Completion:
         litellm = _litellm()
         kwargs: dict = {"model": self.model, "messages": messages, "timeout": self.timeout_s,
                         "num_retries": 0, "max_retries": 0}
@@ -76,6 +78,8 @@ class LiteLLMBackend:
             kwargs["max_tokens"] = max_tokens
         if temperature is not None:
             kwargs["temperature"] = temperature
+        if response_format is not None:
+            kwargs["response_format"] = response_format
         if idempotency_key:
             kwargs["extra_headers"] = {"Idempotency-Key": idempotency_key}
         started = time.perf_counter()

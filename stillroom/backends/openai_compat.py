@@ -74,6 +74,7 @@ class OpenAICompatBackend:
 
     can_stream = False
     accepts_idempotency_key = True  # sent as the Idempotency-Key header
+    supports_response_format = True  # sent as `response_format`; an endpoint may still refuse it (HTTP 400)
 
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 30.0):
@@ -113,12 +114,15 @@ class OpenAICompatBackend:
             await client.aclose()
 
     async def chat(self, messages: list[dict], max_tokens: int | None = None,
-                   temperature: float | None = None, idempotency_key: str | None = None) -> Completion:
+                   temperature: float | None = None, idempotency_key: str | None = None,
+                   response_format: dict | None = None) -> Completion:
         payload: dict = {"model": self.model, "messages": messages}
         if max_tokens is not None:
             payload["max_tokens"] = max_tokens
         if temperature is not None:
             payload["temperature"] = temperature
+        if response_format is not None:
+            payload["response_format"] = response_format
         url = f"{self.base_url}/chat/completions"
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
         i = self._pick()

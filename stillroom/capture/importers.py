@@ -6,6 +6,11 @@ Formats:
   Plain ``{"input": ..., "output": ...}`` lines are accepted too.
 - CSV with an input and an (optional) output column.
 
+The output is the task's answer: a label, an extraction record (a JSON object, or its JSON text in
+a chat message or a CSV cell) or a generation text. Each is parsed and canonicalised by
+`task.parse` (records: sorted keys, validated against the schema; texts: within
+`task.max_output_chars`); an output that fails is reported with its line and the reason.
+
 The whole file is parsed before anything is written: with ``strict`` one bad line aborts with
 nothing written; otherwise bad lines are skipped and reported by line number. Re-importing the
 same file adds nothing (examples, responses and labels are keyed by content hashes).
@@ -78,7 +83,15 @@ def _text(content, where: str) -> str:
     raise ValueError(f"{where} has no text content")
 
 
-def _from_json_obj(obj, line: int) -> Record:
+def _output(value, objects: bool) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if objects and isinstance(value, dict):  # an extraction record written as JSON, not as a string
+        return json.dumps(value, ensure_ascii=False)
+    raise ValueError("'output' must be a string" + (" or a JSON object (the record)" if objects else ""))
+
+
+def _from_json_obj(obj, line: int, objects: bool = False) -> Record:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     tags = obj.get("tags") or []
@@ -94,7 +107,11 @@ def _from_json_obj(obj, line: int) -> Record:
                 raise ValueError(f"messages[{i}] must be an object with a 'role'")
         output = None
         if messages[-1]["role"] == "assistant":
-            output = _text(messages[-1].get("content"), f"messages[{len(messages) - 1}]")
+            content = messages[-1].get("content")
+            if objects and isinstance(content, dict):
+                output = _output(content, objects)
+            else:
+                output = _text(content, f"messages[{len(messages) - 1}]")
             messages = messages[:-1]
         users = [i for i, m in enumerate(messages) if m["role"] == "user"]
         if not users:
@@ -104,20 +121,18 @@ def _from_json_obj(obj, line: int) -> Record:
     if "input" in obj:
         if not isinstance(obj["input"], str):
             raise ValueError("'input' must be a string")
-        output = obj.get("output")
-        if output is not None and not isinstance(output, str):
-            raise ValueError("'output' must be a string")
-        return Record(line, obj["input"], output, tags, model)
+        return Record(line, obj["input"], _output(obj.get("output"), objects), tags, model)
     raise ValueError("expected a 'messages' list (OpenAI chat format) or an 'input' field")
 
 
-def read_jsonl(data: str) -> tuple[list[Record], list[tuple[int, str]]]:
+def read_jsonl(data: str, objects: bool = False) -> tuple[list[Record], list[tuple[int, str]]]:
+    """`objects`: an output may be a JSON object (extraction records)."""
     records, problems = [], []
     for number, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            records.append(_from_json_obj(json.loads(raw), number))
+            records.append(_from_json_obj(json.loads(raw), number, objects))
         except json.JSONDecodeError as exc:
             problems.append((number, f"not valid JSON ({exc.msg} at column {exc.colno})"))
         except ValueError as exc:
@@ -164,14 +179,15 @@ def read_text(path: Path, error: type[Exception]) -> str:
         raise error(f"{path}: not UTF-8 text (byte {exc.start}); re-save it as UTF-8") from None
 
 
-def read_records(path: Path, input_column: str = "input", output_column: str = "output"
-                 ) -> tuple[list[Record], list[tuple[int, str]]]:
-    """Parse a JSONL or CSV file into records and (line, problem) pairs; writes nothing."""
+def read_records(path: Path, input_column: str = "input", output_column: str = "output",
+                 objects: bool = False) -> tuple[list[Record], list[tuple[int, str]]]:
+    """Parse a JSONL or CSV file into records and (line, problem) pairs; writes nothing.
+    `objects`: JSONL outputs may be JSON objects (extraction records)."""
     path = Path(path)
     data = read_text(path, ImportFileError)
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json", ".ndjson"):
-        return read_jsonl(data)
+        return read_jsonl(data, objects)
     if suffix in (".csv", ".tsv"):
         return read_csv(data, input_column, output_column)
     raise ImportFileError(f"{path}: unknown format '{suffix}'; use .jsonl (OpenAI chat format) or .csv")
@@ -212,7 +228,8 @@ def import_file(
         if split not in SPLITS:
             raise ImportFileError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
     report = ImportReport(str(path), role)
-    records, problems = read_records(path, input_column, output_column)
+    records, problems = read_records(path, input_column, output_column,
+                                     objects=project.task.type == "extraction")
     report.lines = len(records) + len(problems)
     records = _check(records, problems)
 

@@ -1,4 +1,4 @@
-"""CLI: curate -- QC, dedupe, PII, review, balance, dataset versions (thin over stillroom.curate)."""
+"""CLI: curate -- QC, dedupe, PII, review, balance, augment, dataset versions (thin over stillroom.curate)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from stillroom.cli.common import JsonFlag, ProjectDir, app, bar, console, emit, 
 
 curate_app = typer.Typer(
     help=("Curate the training data: reject bad teacher outputs, remove near-duplicates and eval "
-          "leakage, redact PII, review labels, balance classes, and freeze dataset versions."),
+          "leakage, redact PII, review labels, balance classes, add teacher paraphrases, and freeze "
+          "dataset versions."),
     no_args_is_help=True,
 )
 review_app = typer.Typer(help="The review queue: export items for a human or judge, import the decisions.",
@@ -194,6 +195,111 @@ def balance(project_dir: ProjectDir = Path("."), as_json: JsonFlag = False):
                         + (f" Labels with no train example: {', '.join(before['missing_labels'])}." if before["missing_labels"] else ""))
 
     emit(as_json, report, show)
+
+
+def _ids(value: str | None, option: str) -> list[int] | None:
+    from stillroom.cli.common import UserError
+
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.replace(",", " ").split()]
+    except ValueError:
+        raise UserError(f"{option} must be example ids separated by commas, got {value!r}") from None
+
+
+@curate_app.command()
+def augment(
+    k: Annotated[int, typer.Option("--k", help="Paraphrases asked for per input (one call per input).")] = 2,
+    labels: Annotated[Optional[str], typer.Option(help="Only inputs with these labels, e.g. 'refund,fraud'.")] = None,
+    flagged: Annotated[bool, typer.Option("--flagged", help="Only inputs flagged for review (labeling flags, review flags).")] = False,
+    per_label_max: Annotated[Optional[int], typer.Option(
+        "--per-label-max", help="Stop adding to a label once it has this many train examples, paraphrases "
+                                "included (labels already there get none): balances rare labels.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Ask about at most this many new inputs (rarest labels first).")] = None,
+    ids: Annotated[Optional[str], typer.Option(help="Only these train example ids, e.g. '3,17,42'.")] = None,
+    verify: Annotated[bool, typer.Option(
+        "--verify", help="Label every new paraphrase with the teacher and drop those whose label differs from "
+                         "the parent's (costs samples x k more calls per input).")] = False,
+    max_cost: Annotated[Optional[float], typer.Option(
+        "--max-cost", help="Stop before this run's spend (USD, paraphrases and --verify together) could cross this.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Send nothing: show the calls and their worst-case cost.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the paraphrase calls.")] = 0.7,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Output token limit per paraphrase call (default 64 + 128 x k).")] = None,
+    project_dir: ProjectDir = Path("."),
+    as_json: JsonFlag = False,
+):
+    """Ask the teacher to paraphrase train inputs; keep the good paraphrases as train-only examples.
+
+    Needs a live teacher (teacher: in stillroom.yaml) and the locked eval set. Validation, calibration and eval inputs are never sent. A paraphrase that is empty, over-long, a copy of any input or a near-duplicate of an eval or calibration input is rejected with its reason; each kept one is tagged 'augmented', linked to its parent, and trains with the parent's label.
+
+    Re-running never pays twice and a killed run resumes. Exit 1 if calls failed after their retries."""
+    from stillroom.curate.augment import augment as run
+
+    project = open_project(project_dir)
+    kwargs = dict(k=k, labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else None,
+                  flagged_only=flagged, per_label_max=per_label_max, limit=limit, ids=_ids(ids, "--ids"),
+                  max_cost=max_cost, verify=verify, dry_run=dry_run, temperature=temperature, max_tokens=max_tokens)
+    if as_json or dry_run:
+        report = run(project, **kwargs)
+    else:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("spent [bold]${task.fields[spent]:.4f}[/] of ~${task.fields[projected]:.4f}"),
+                   TimeElapsedColumn(), TimeRemainingColumn()]
+        with Progress(*columns, console=console(stderr=True)) as bar_:
+            tasks = {}
+
+            def track(name: str):
+                def update(p) -> None:
+                    if name not in tasks:
+                        tasks[name] = bar_.add_task(name, total=None, spent=0.0, projected=0.0)
+                    bar_.update(tasks[name], completed=p.done, total=p.total, spent=p.spent_usd,
+                                projected=p.projected_usd)
+                return update
+
+            report = run(project, progress=track("paraphrase calls"), verify_progress=track("verify calls"), **kwargs)
+
+    def show():
+        c, r = console(), report
+        if r.dry_run:
+            c.print(f"Dry run, nothing sent: {r.calls_total} paraphrase call(s) to {r.model} "
+                    f"({r.parents_asked} new input(s), {r.parents_resumed} left by an earlier run), k={r.k}; "
+                    f"at most ${r.projected_usd:.4f}" + (" with --verify" if verify else "") + ".")
+            for call in r.would_send:
+                c.print(f"  example {call['parent_id']} ({call['max_tokens']} tokens max):")
+                c.print("    " + call["messages"][-1]["content"].replace("\n", "\n    "))
+            return
+        rows = [["inputs eligible (train, not asked before)", r.parents_eligible], ["new inputs asked", r.parents_asked],
+                ["resumed from an earlier run", r.parents_resumed], ["calls paid now", r.calls_paid],
+                ["failed after retries", r.calls_failed], ["not sent", r.calls_not_sent],
+                ["answers processed", r.answers_processed], ["paraphrases returned", r.paraphrases_returned],
+                ["augmented examples created", r.created], ["paraphrases rejected", sum(r.rejected.values())],
+                ["spent now (USD)", f"{r.spent_usd:.4f}"]]
+        table(f"stillroom curate augment ({r.model}, k={r.k}, {r.prompt_version})", ["", "count"], rows)
+        if r.rejected:
+            c.print("rejected: " + ", ".join(f"{k_} {v}" for k_, v in sorted(r.rejected.items())))
+            for item in r.rejections[:5]:
+                what = "the answer" if item["position"] < 0 else f"#{item['position']} {_short(item['text'], 40)!r}"
+                c.print(f"  example {item['parent_id']} {what}: {item['reason']}")
+        if r.verify is not None:
+            v = r.verify
+            c.print(f"verify: {v['checked']} checked, {v['kept']} kept, {v['dropped']} dropped (label changed or "
+                    f"none), {v['awaiting']} awaiting a later --verify; ${v['spent_usd']:.4f}.")
+        table("Train examples per label", ["label", "train", "paraphrases kept"],
+              [[lab, x["train"], x["paraphrases_kept"]] for lab, x in r.by_label.items()])
+        for item in r.skipped[:5]:
+            c.print(f"  [yellow]example {item['example_id']}[/yellow] not sent: {item['reason']}")
+        for item in r.failures[:5]:
+            c.print(f"  [red]example {item['example_id']}[/red] failed: {item['reason']}")
+        if r.stopped:
+            c.print(f"[yellow]stopped early[/yellow]: {r.stopped}. Everything answered is kept; run "
+                    "`stillroom curate augment` again to continue.")
+
+    emit(as_json, report.as_dict(), show)
+    if report.calls_failed:
+        raise typer.Exit(1)
 
 
 @curate_app.command()

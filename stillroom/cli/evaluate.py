@@ -1,4 +1,4 @@
-"""CLI: eval (plus --compare, --shadow, --show, --export-promptfoo), calibrate, gate."""
+"""CLI: eval (plus --compare, --shadow, --show, --export-promptfoo), judge, calibrate, gate."""
 
 from __future__ import annotations
 
@@ -20,14 +20,33 @@ def _num(x, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _row_columns(r: dict) -> tuple[list[str], list[str]]:
+    """The type's aggregate columns (header, keys) for a student-vs-teacher row."""
+    kind = r.get("task_type", "classification")
+    if kind == "extraction":
+        return ["field P", "field R", "field F1", "exact", "valid"], [
+            "field_precision", "field_recall", "field_f1", "exact_match", "validity"]
+    if kind == "generation":
+        return ["ROUGE-L", "BLEU", "chrF", "valid"], ["rouge_l", "bleu", "chrf", "validity"]
+    return ["macro-F1", "micro-F1"], ["macro_f1", "micro_f1"]
+
+
+def _human(r: dict, who: str):
+    h = r["vs_human"]
+    return h.get(f"{who}_score", h.get(f"{who}_accuracy"))
+
+
 def _show_evaluations(results: dict, title: str) -> None:
-    table(title, ["student", "lock", "n", "agree", "macro-F1", "micro-F1", "gap pts (95% CI)", "ECE", "human n",
-                  "student acc", "teacher acc", "threshold", "coverage", "served agree"],
+    first = next(iter(results.values()))
+    headers, keys = _row_columns(first)
+    metric = first.get("metric") or "accuracy"
+    table(title, ["student", "lock", "n", "agree" if metric == "accuracy" else f"agree ({metric})", *headers,
+                  "gap pts (95% CI)", "ECE", "human n", "student vs human", "teacher vs human", "threshold",
+                  "coverage", "served agree"],
           [[n, f"STALE ({r['lock_id']})" if r.get("stale") else r.get("lock_id", "-"), r["vs_teacher"]["n"],
-            pct(r["agreement"]),
-            pct(r["vs_teacher"]["macro_f1"]), pct(r["vs_teacher"].get("micro_f1")),
+            pct(r["agreement"]), *[pct(r["vs_teacher"].get(k)) for k in keys],
             _ci((r.get("gap") or {}).get("teacher")), _num((r.get("confidence_calibration") or {}).get("ece")),
-            r["vs_human"]["n"], pct(r["vs_human"]["student_accuracy"]), pct(r["vs_human"]["teacher_accuracy"]),
+            r["vs_human"]["n"], pct(_human(r, "student")), pct(_human(r, "teacher")),
             f"{r['calibration']['threshold']:.3f}" if "calibration" in r else "-",
             pct(r["at_threshold"]["coverage"]) if "at_threshold" in r else "-",
             pct(r["at_threshold"]["student_agreement_on_covered"]) if "at_threshold" in r else "-"]
@@ -42,8 +61,10 @@ def _show_evaluations(results: dict, title: str) -> None:
             out.print(f"{n}: recorded before intervals and slices existed; re-run `stillroom eval {n}`")
             continue
         tw = r["three_way"]
-        table(f"{n}: three-way comparison", ["comparison", "n", "accuracy", "macro-F1", "micro-F1"],
-              [[label, tw[k]["n"], pct(tw[k]["accuracy"]), pct(tw[k]["macro_f1"]), pct(tw[k]["micro_f1"])]
+        headers, keys = _row_columns(r)
+        first_key = "accuracy" if r.get("task_type", "classification") == "classification" else "score"
+        table(f"{n}: three-way comparison", ["comparison", "n", tw.get("metric") or "accuracy", *headers],
+              [[label, tw[k]["n"], pct(tw[k].get(first_key)), *[pct(tw[k].get(m)) for m in keys]]
                for label, k in (("student vs teacher", "student_vs_teacher"), ("student vs human", "student_vs_human"),
                                 ("teacher vs human", "teacher_vs_human"))])
         if tw.get("message"):
@@ -64,6 +85,29 @@ def _show_evaluations(results: dict, title: str) -> None:
                 out.print(f"{n}: empty slice {e['kind']} {e['name']}: {e['message']}")
 
 
+def _show_type_details(n: str, r: dict) -> None:
+    """Per class (classification), per field (extraction) or length statistics (generation)."""
+    vt = r["vs_teacher"]
+    kind = r.get("task_type", "classification")
+    if kind == "classification":
+        pc = vt["per_class"]
+        table(f"{n}: per class (vs teacher)", ["label", "precision", "recall", "F1", "support"],
+              [[l, pct(pc[l]["precision"]), pct(pc[l]["recall"]), pct(pc[l]["f1"]), pc[l]["support"]]
+               for l in vt["labels"]])
+    elif kind == "extraction":
+        table(f"{n}: per field (vs teacher; {vt['n_invalid']} answer(s) fail the schema)",
+              ["field", "precision", "recall", "F1", "support"],
+              [[f, pct(m["precision"]), pct(m["recall"]), pct(m["f1"]), m["support"]]
+               for f, m in vt["per_field"].items()])
+    else:
+        ln = vt["length"]
+        table(f"{n}: length in words (vs teacher)", ["", "mean", "p50", "p95"],
+              [[who, _num(ln[who]["mean"], 1), _num(ln[who]["p50"], 1), _num(ln[who]["p95"], 1)]
+               for who in ("prediction", "reference")])
+        console().print(f"{n}: student/teacher length ratio {_num(ln['ratio'], 2)}; "
+                        f"{vt['n_invalid']} answer(s) the task rejects (empty or too long)")
+
+
 def _no_coverage_curve(results: dict) -> dict:
     return {n: {k: v for k, v in r.items() if k != "coverage_curve"} for n, r in results.items()}
 
@@ -73,8 +117,8 @@ def eval_(
     students: Annotated[Optional[list[str]], typer.Argument(help="Student names (default: all trained).")] = None,
     compare: Annotated[Optional[tuple[str, str]], typer.Option(
         "--compare", metavar="A B",
-        help="Compare two sources on the locked eval set with McNemar's test: student names "
-             "(newest run) or NAME@runID.")] = None,
+        help="Compare two sources on the locked eval set (McNemar's test for classification, a paired "
+             "bootstrap otherwise): student names (newest run) or NAME@runID.")] = None,
     shadow: Annotated[bool, typer.Option(
         "--shadow", help="Score the student(s) on logged production traffic where the teacher answered "
                          "(the gateway's log, plus any --log files).")] = False,
@@ -145,10 +189,7 @@ def eval_(
             return
         _show_evaluations(results, "Locked eval split (agree = agreement with the teacher)")
         for n, r in results.items():
-            labels = r["vs_teacher"]["labels"]
-            pc = r["vs_teacher"]["per_class"]
-            table(f"{n}: per class (vs teacher)", ["label", "precision", "recall", "F1", "support"],
-                  [[l, pct(pc[l]["precision"]), pct(pc[l]["recall"]), pct(pc[l]["f1"]), pc[l]["support"]] for l in labels])
+            _show_type_details(n, r)
 
     emit(as_json, _no_coverage_curve(results), human)
 
@@ -180,6 +221,76 @@ def _compare(project, specs: tuple[str, str], as_json: bool) -> None:
             console().print(result["vs_human_message"])
 
     emit(as_json, result, human)
+
+
+@app.command()
+def judge(
+    students: Annotated[Optional[list[str]], typer.Argument(help="Student names (default: all trained).")] = None,
+    rubric: Annotated[bool, typer.Option(
+        "--rubric/--no-rubric", help="Also score each answer 1-5 on the rubric (two more judge calls per example).")] = True,
+    import_preferences: Annotated[Optional[Path], typer.Option(
+        "--import-preferences", metavar="FILE",
+        help="Record human preferences (CSV or JSONL: input, preferred = student|teacher|tie, optional student) "
+             "and exit; later judge runs report judge-human agreement on them.")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Show the stored judge results without calling the judge.")] = False,
+    project_dir: ProjectDir = Path("."),
+    as_json: JsonFlag = False,
+):
+    """Have the configured LLM judge (`judge:` in stillroom.yaml) compare each student's answers with the
+    teacher's on the locked eval split: pairwise in both orders (position bias cancels) and a 1-5 rubric.
+    Reports the win rate (student at or above the teacher) with a 95% interval; unreadable verdicts are
+    retried, then counted as missing, never as wins. Every call is recorded, so a re-run pays for nothing twice."""
+    project = open_project(project_dir)
+    if import_preferences is not None:
+        if students or show:
+            raise UserError("--import-preferences takes no student names and no --show")
+        from stillroom.evaluate.judge_eval import import_preferences as do_import
+
+        out = do_import(project, import_preferences)
+        emit(as_json, out, lambda: console().print(
+            f"Imported {out['imported']} preference(s) from {out['file']}"
+            + (f"; skipped {len(out['problems'])}: " + "; ".join(out["problems"][:5]) if out["problems"] else "")))
+        return
+    names = students or [s.name for s in project.config.students]
+    for name in names:
+        project.config.student(name)
+    results = {}
+    if show:
+        from stillroom.evaluate.evaluator import latest_evaluation
+
+        results = {n: e for n in names if (e := latest_evaluation(project, n, kind="judge")) is not None}
+        if not results:
+            raise UserError("no stored judge result for " + ", ".join(names) + "; run `stillroom judge`")
+    else:
+        from stillroom.evaluate.judge_eval import judge_student
+
+        for name in names:
+            with bar(f"judge {name}", enabled=not as_json) as update:
+                results[name] = judge_student(project, name, rubric=rubric, progress=update)
+
+    def human():
+        table("LLM judge on the locked eval split (win = student at or above the teacher)",
+              ["student", "lock", "items", "win rate (95% CI)", "student / tie / teacher / missing", "strict wins",
+               "position consistency", "rubric student", "rubric teacher", "judge-human agreement", "calls sent / cached"],
+              [[n, f"STALE ({r['lock_id']})" if r.get("stale") else r["lock_id"], r["n_items"],
+                _win(r["win_rate"]), " / ".join(str(r["outcomes"][k]) for k in ("student", "tie", "teacher", "missing")),
+                pct(r["strict_win_rate"]), pct(r["position_consistency"]),
+                _num(r["rubric"]["student"]["estimate"], 2), _num(r["rubric"]["teacher"]["estimate"], 2),
+                (f"{pct(r['human_agreement']['agreement'])} (n={r['human_agreement']['n']}, kappa "
+                 f"{_num(r['human_agreement']['cohen_kappa'], 2)})") if r["human_agreement"]["n"] else "-",
+                f"{r['calls']['sent']} / {r['calls']['cached']}"]
+               for n, r in results.items()])
+        for n, r in results.items():
+            prompts = ", ".join(f"{p['name']} v{p['version']}" for p in r["prompts"])
+            console().print(f"{n}: judge {r['judge']['model']} ({r['judge']['backend']}), prompts {prompts}")
+
+    emit(as_json, {n: {k: v for k, v in r.items() if k != "outcome_by_item"} for n, r in results.items()}, human)
+
+
+def _win(ci: dict) -> str:
+    if not ci or ci.get("estimate") is None:
+        return "-"
+    return f"{ci['estimate']:.1%} ({ci['low']:.1%} to {ci['high']:.1%})"
 
 
 @app.command()

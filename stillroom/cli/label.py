@@ -29,6 +29,9 @@ def label(
         "--batch", help="Use the endpoint's batch API (about half price, hours). Re-run to resume polling.")] = False,
     wait: Annotated[bool, typer.Option(help="With --batch: wait for the batch to finish (--no-wait: submit and exit).")] = True,
     ray: Annotated[bool, typer.Option("--ray", help="Fan the calls out over Ray workers (needs the ray extra: pip install ray).")] = False,
+    no_redact: Annotated[bool, typer.Option(
+        "--no-redact", help="Send inputs without PII redaction, for a teacher inside your own trust boundary; "
+                            "the run report says so.")] = False,
     project_dir: ProjectDir = Path("."),
     as_json: JsonFlag = False,
 ):
@@ -36,7 +39,9 @@ def label(
 
     Every call is recorded the moment it returns: re-running never pays twice, and a run killed at
     any point resumes where it stopped. Pace, retries, samples per input and the agreement below
-    which labels are flagged for review are set under labeling: in stillroom.yaml.
+    which labels are flagged for review are set under labeling: in stillroom.yaml. Emails, phone
+    numbers, cards, IBANs and curation.pii.patterns are replaced by [EMAIL], [CARD], ... before
+    anything is sent (curation.pii); --no-redact sends the raw text.
     Exit 1 if some calls failed after their retries (the next run tries them again)."""
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
@@ -45,7 +50,8 @@ def label(
     from stillroom.label import label_examples
 
     project = open_project(project_dir)
-    kwargs = dict(example_ids=_ids(ids), limit=limit, max_cost=max_cost, batch=batch, wait=wait, use_ray=ray)
+    kwargs = dict(example_ids=_ids(ids), limit=limit, max_cost=max_cost, batch=batch, wait=wait, use_ray=ray,
+                  redact=not no_redact)
     if as_json:
         report = label_examples(project, **kwargs)
     else:
@@ -75,6 +81,19 @@ def label(
         if r.waiting_on_batch:
             rows.append(["owed by an unfinished batch job", r.waiting_on_batch])
         table(f"stillroom label ({r.mode}, {r.model})", ["", "count"], rows)
+        if r.structured_output and r.structured_output != "sent":
+            c.print(f"[yellow]structured output[/yellow] {r.structured_output}")
+        elif r.structured_output:
+            c.print("structured output: the task's JSON schema went with every call (response_format)")
+        if r.pii:
+            kinds = ", ".join(f"{k} {v}" for k, v in r.pii["by_type"].items())
+            if r.pii["redacted"]:
+                c.print(f"PII redacted before sending: {r.pii['inputs_with_pii']} input(s)" + (f" ({kinds})" if kinds else ""))
+            elif r.pii["off_reason"] == "--no-redact":
+                c.print(f"[yellow]PII not redacted[/yellow] (--no-redact): {r.pii['inputs_with_pii']} input(s) "
+                        "with PII were sent as they are" + (f" ({kinds})" if kinds else ""))
+            else:
+                c.print(f"[yellow]PII not redacted[/yellow] ({r.pii['off_reason']})")
         if r.flagged:
             c.print("flagged for review: " + ", ".join(f"{k} {v}" for k, v in sorted(r.flagged.items())))
         for item in r.rejected[:10]:

@@ -21,6 +21,7 @@ from stillroom.cli import run  # noqa: E402,F401  isort:skip
 from stillroom.cli import curate  # noqa: E402,F401  isort:skip
 from stillroom.cli import label  # noqa: E402,F401  isort:skip
 from stillroom.cli import export  # noqa: E402,F401  isort:skip
+from stillroom.cli import interop  # noqa: E402,F401  isort:skip
 
 __all__ = ["app", "main"]
 

@@ -1,8 +1,13 @@
-"""Class balance: report the skew, and plan oversampling of rare labels and flagged edge cases.
+"""Balance: report the skew, and plan oversampling of rare groups and flagged edge cases.
+
+The groups are the task's strata (`curate/split.py: stratum_of`): labels for classification, the
+combination of fields a record states for extraction (so records that state a rare field, say
+`amount+currency+date`, can be brought up to the floor). Generation has no classes: the report
+says so, `min_per_label` does not apply, and only `flagged_copies` oversamples.
 
 Oversampling touches the train split only (validation, calibration and eval keep their real
 distribution, or their numbers would lie), and is applied where the training set is built
-(`curate/datasets.py`). Copies are spread evenly: a label with n examples below the floor F gets
+(`curate/datasets.py`). Copies are spread evenly: a group with n examples below the floor F gets
 F // n copies of each, and F % n examples (seeded choice) one more.
 """
 
@@ -16,14 +21,18 @@ from stillroom.config import BalanceConfig
 __all__ = ["plan_copies", "balance_report"]
 
 
-def plan_copies(train: dict[int, str], flagged: set[int], config: BalanceConfig, seed: int = 0) -> dict[int, int]:
-    """Copies of each train example (1 = as is) after flagged-item and rare-label oversampling."""
+def plan_copies(train: dict[int, str], flagged: set[int], config: BalanceConfig, seed: int = 0,
+                task=None) -> dict[int, int]:
+    """Copies of each train example (1 = as is) after flagged-item and rare-group oversampling;
+    `train` maps example -> label (answer), grouped by the task's stratum."""
+    from stillroom.curate.split import stratum_of
+
     copies = {ex: (config.flagged_copies if ex in flagged else 1) for ex in train}
-    if config.min_per_label <= 0:
+    if config.min_per_label <= 0 or (task is not None and task.type == "generation"):
         return copies
     by_label: dict[str, list[int]] = defaultdict(list)
     for ex, label in train.items():
-        by_label[label].append(ex)
+        by_label[stratum_of(task, label)].append(ex)
     for label, ids in sorted(by_label.items()):
         ids.sort()
         have = sum(copies[ex] for ex in ids)
@@ -47,29 +56,42 @@ def _skew(counts: dict[str, int], labels: list[str]) -> dict:
 
 
 def balance_report(project) -> dict:
-    """Label counts per split, the train skew (largest / smallest class) before and after oversampling."""
+    """Counts per group (label / stated-field combination) per split, the train skew (largest /
+    smallest group) before and after oversampling. Teacher paraphrases (`curate augment`) count
+    only after: "before" is the data as labelled."""
+    from stillroom.curate.augment import augmented_ids
     from stillroom.curate.datasets import curated_rows
     from stillroom.curate.review import training_labels
+    from stillroom.curate.split import stratum_of
     from stillroom.store.records import split_assignments
 
-    labels = project.task.labels
+    task = project.task
     with project.store.engine.connect() as conn:
-        train_labels, _ = training_labels(conn, labels)
+        train_labels, _ = training_labels(conn, task=task)
         splits = split_assignments(conn)
+        augmented = augmented_ids(conn)
     per_split: dict[str, Counter] = defaultdict(Counter)
     for ex, label in train_labels.items():
-        if ex in splits:
-            per_split[splits[ex]][label] += 1
+        if ex in splits and ex not in augmented:
+            per_split[splits[ex]][stratum_of(task, label)] += 1
     rows = curated_rows(project)
     after = Counter()
     for r in rows:
         if r.split == "train":
-            after[r.label] += r.copies
+            after[stratum_of(task, r.label)] += r.copies
     cfg = project.config.curation.balance
+    if task.type == "classification":
+        labels = task.labels
+    else:
+        labels = sorted(set(after) | {g for c in per_split.values() for g in c})
+    grouping = {"classification": "label", "extraction": "fields stated",
+                "generation": "none (free text has no classes; only flagged_copies applies)"}[task.type]
     return {
+        "grouped_by": grouping,
         "splits": {s: dict(sorted(c.items())) for s, c in sorted(per_split.items())},
         "train_before": _skew(per_split.get("train", Counter()), labels),
         "train_after_oversampling": _skew(after, labels),
         "config": cfg.model_dump(),
         "oversampled_rows": sum(r.copies - 1 for r in rows),
+        "augmented_rows": sum(r.copies for r in rows if r.augmented_from is not None),
     }

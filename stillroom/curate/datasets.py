@@ -2,8 +2,9 @@
 
 `curated_rows` is the one definition of what trains: the train and validation splits (dedupe
 exclusions are already out of them), with review decisions applied (a fix replaces the label, a
-discard drops the example), labels outside the label set left out (QC), and train-only
-oversampling (balance). `stillroom train` reads it; `snapshot` freezes it as a dataset version:
+discard drops the example), labels outside the label set left out (QC), teacher paraphrases
+(augment) in train only with their parent's label, and train-only oversampling (balance).
+`stillroom train` reads it; `snapshot` freezes it as a dataset version:
 an id, a manifest of content hashes (in the store and in `.stillroom/datasets/<id>/manifest.json`)
 and exports for OpenAI fine-tuning (JSONL), Parquet, and the chat-messages JSONL that TRL and
 Axolotl read. Exported text is PII-redacted (`curate/pii.py`); the manifest keeps the original's
@@ -43,29 +44,33 @@ class CuratedRow:
     content_hash: str
     split: str  # train | validation
     label: str
-    label_source: str  # teacher | review
+    label_source: str  # teacher | review | augmented
     copies: int  # > 1: oversampled (train only)
+    augmented_from: int | None = None  # the parent example of a teacher paraphrase (train only)
 
 
 def curated_rows(project) -> list[CuratedRow]:
-    """Train and validation rows after QC, dedupe exclusions, review decisions and balance, by id."""
+    """Train and validation rows after QC, dedupe exclusions, review decisions, augmentation and
+    balance, by id."""
+    from stillroom.curate.augment import apply_to_training_labels
     from stillroom.curate.balance import plan_copies
     from stillroom.curate.review import review_flags, training_labels
 
     with project.store.engine.connect() as conn:
-        labels, source = training_labels(conn, project.task.labels)
+        labels, source = training_labels(conn, task=project.task)
         splits = split_assignments(conn)
         flagged = set(review_flags(conn))
         examples = all_examples(conn)
+        parents = apply_to_training_labels(conn, labels, source, splits)
     train = {ex: lab for ex, lab in labels.items() if splits.get(ex) == "train"}
-    copies = plan_copies(train, flagged & train.keys(), project.config.curation.balance)
+    copies = plan_copies(train, flagged & train.keys(), project.config.curation.balance, task=project.task)
     return [CuratedRow(ex, examples[ex].input, examples[ex].content_hash, splits[ex], labels[ex], source[ex],
-                       copies.get(ex, 1))
+                       copies.get(ex, 1), parents.get(ex))
             for ex in sorted(labels) if splits.get(ex) in TRAINING_SPLITS]
 
 
 def training_pairs(project) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, validation) as (input, label) pairs; oversampled train rows repeated."""
+    """(train, validation) as (input, label) pairs; oversampled train rows repeated, paraphrases in train only."""
     rows = curated_rows(project)
     train = [(r.input, r.label) for r in rows if r.split == "train" for _ in range(r.copies)]
     val = [(r.input, r.label) for r in rows if r.split == "validation"]
@@ -109,6 +114,7 @@ def snapshot(project, formats: list[str] | None = None) -> dict:
     the existing version. Refuses while the eval lock is broken or training copies an eval input."""
     from stillroom.curate.lock import check_no_leakage, verify_lock
     from stillroom.curate.pii import config_hash, redacted_copy
+    from stillroom.curate.split import stratum_of
 
     lock = verify_lock(project)
     check_no_leakage(project)
@@ -125,9 +131,12 @@ def snapshot(project, formats: list[str] | None = None) -> dict:
             answer = redacted_copy(conn, r.label, "output", pii)
             prompt = task.student_input(text)
             instances.append((r, text, prompt, answer))
-            entries.append({"example_id": r.example_id, "content_hash": r.content_hash, "split": r.split,
-                            "label": r.label, "label_source": r.label_source, "copies": r.copies,
-                            "redacted": text != r.input, "prompt_sha256": _sha(prompt)})
+            entry = {"example_id": r.example_id, "content_hash": r.content_hash, "split": r.split,
+                     "label": r.label, "label_source": r.label_source, "copies": r.copies,
+                     "redacted": text != r.input, "prompt_sha256": _sha(prompt)}
+            if r.augmented_from is not None:  # only then, so versions taken before augmentation keep their hash
+                entry["augmented_from"] = r.augmented_from
+            entries.append(entry)
         identity = {"examples": entries, "labels": task.labels, "formats": chosen,
                     "student_input_format": project.config.task.student_input_format, "pii": config_hash(pii)}
         digest = _sha(json.dumps(identity, sort_keys=True, ensure_ascii=False))
@@ -159,10 +168,13 @@ def snapshot(project, formats: list[str] | None = None) -> dict:
             "curation": project.config.curation.model_dump(mode="json"), "pii_config_hash": config_hash(pii),
             "counts": {"examples": len(rows), "rows": sum(r.copies for r in rows), "rows_by_split": dict(by_split),
                        "oversampled_rows": sum(r.copies - 1 for r in rows),
+                       "augmented_examples": sum(r.augmented_from is not None for r in rows),
+                       "augmented_rows": sum(r.copies for r in rows if r.augmented_from is not None),
                        "reviewed_labels": sum(r.label_source == "review" for r in rows),
                        "redacted_examples": sum(e["redacted"] for e in entries),
+                       # by label; extraction: by the fields stated; generation: one group
                        "train_rows_by_label": dict(sorted(Counter(
-                           r.label for r in rows if r.split == "train" for _ in range(r.copies)).items()))},
+                           stratum_of(task, r.label) for r in rows if r.split == "train" for _ in range(r.copies)).items()))},
             "files": files, "examples": entries,
         }
         (out / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -106,7 +106,7 @@ class DedupeReport:
     within: list[Pair]  # a < b, both training
     clusters: list[list[int]]  # connected near-duplicate groups inside training, each sorted
     keep: dict[int, int] = field(default_factory=dict)  # cluster index -> the example kept
-    conflicting: list[list[int]] = field(default_factory=list)  # clusters whose labels disagree
+    conflicting: list[list[int]] = field(default_factory=list)  # clusters with a label that disagrees (task.agrees)
     embedded_now: int = 0
     from_cache: int = 0
     seconds: float = 0.0
@@ -165,6 +165,7 @@ def find_near_duplicates(project, threshold: float | None = None,
                          training_splits: tuple[str, ...] = ("train", "validation"),
                          progress: Callable[[int, int], None] | None = None) -> DedupeReport:
     """Near-duplicate pairs inside the training splits and between them and the eval split."""
+    from stillroom.curate.augment import augmented_ids
     from stillroom.curate.review import training_labels
 
     started = time.perf_counter()
@@ -177,8 +178,11 @@ def find_near_duplicates(project, threshold: float | None = None,
                    T.splits.c.split).join(T.splits, T.splits.c.example_id == T.examples.c.id)
             .order_by(T.examples.c.id)).all()
         teacher, source = training_labels(conn)
+        # Teacher paraphrases are near-copies of their parent by design, and were checked against the
+        # eval and calibration inputs when they were made (curate/augment.py).
+        augmented = augmented_ids(conn)
         # Discarded examples (review) no longer train: they are nobody's duplicate.
-        train = [r for r in rows if r.split in training_splits and r.id in teacher]
+        train = [r for r in rows if r.split in training_splits and r.id in teacher and r.id not in augmented]
         evals = [r for r in rows if r.split == "eval"]
     texts = {r.content_hash: r.input for r in train + evals}
     index, matrix, embedded = cached_embeddings(project.store.engine, texts, progress)
@@ -203,7 +207,12 @@ def find_near_duplicates(project, threshold: float | None = None,
     leaking = {p.a for p in leaks}
     keep = {k: min(c, key=lambda ex: (ex in leaking, source.get(ex) != "review", split_of[ex] != "train", ex))
             for k, c in enumerate(clusters)}
-    conflicting = [c for c in clusters if len({teacher[ex] for ex in c}) > 1]
+    # A conflict is a member whose label does not agree with the kept one's by the task's own test
+    # (classification exact, extraction field by field, generation a score at the threshold): two
+    # wordings of one good summary are not a conflict.
+    task = project.task
+    conflicting = [c for k, c in enumerate(clusters)
+                   if any(not task.agrees(teacher[ex], teacher[keep[k]]) for ex in c if ex != keep[k])]
     return DedupeReport(threshold, tuple(training_splits), len(train), len(evals), leaks, within, clusters, keep,
                         conflicting, embedded, len(texts) - embedded, time.perf_counter() - started)
 

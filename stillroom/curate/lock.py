@@ -157,18 +157,29 @@ def verify_lock(project: Project) -> Lock:
 
 
 def find_leaks(project: Project, splits: tuple[str, ...] = ("train", "validation")) -> list[dict]:
-    """Training examples whose input equals an eval input exactly or after case/space folding."""
+    """Training examples whose input equals an eval input exactly or after case/space folding, and
+    teacher paraphrases (`curate augment`) of an eval input."""
+    from stillroom.curate.augment import parent_links
+
     with project.store.engine.connect() as conn:
         rows = conn.execute(
             select(T.examples.c.id, T.examples.c.input, T.examples.c.norm_hash, T.splits.c.split)
             .join(T.splits, T.splits.c.example_id == T.examples.c.id)
         ).all()
+        parents = parent_links(conn)
     eval_by_norm = {r.norm_hash: r for r in rows if r.split == "eval"}
-    return [
+    leaks = [
         {"example_id": r.id, "split": r.split, "input": r.input,
          "eval_example_id": eval_by_norm[r.norm_hash].id, "eval_input": eval_by_norm[r.norm_hash].input}
         for r in rows if r.split in splits and r.norm_hash in eval_by_norm
     ]
+    by_id, found = {r.id: r for r in rows}, {leak["example_id"] for leak in leaks}
+    for child, parent in sorted(parents.items()):
+        c, p = by_id.get(child), by_id.get(parent)
+        if c is not None and p is not None and c.split in splits and p.split == "eval" and child not in found:
+            leaks.append({"example_id": child, "split": c.split, "input": c.input, "eval_example_id": parent,
+                          "eval_input": p.input})
+    return leaks
 
 
 def check_no_leakage(project: Project) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from sqlalchemy import insert, select
@@ -26,7 +27,7 @@ from stillroom.store import tables as T
 from stillroom.store.db import now
 from stillroom.tasks.base import content_hash
 
-__all__ = ["Finding", "redact", "redacted_copy", "redact_for_teacher", "pii_report", "config_hash"]
+__all__ = ["Finding", "redact", "redacted_copy", "redact_for_teacher", "Redactor", "pii_report", "config_hash"]
 
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "card": "[CARD]", "iban": "[IBAN]"}
 
@@ -200,7 +201,9 @@ def redact(text: str, config: PiiConfig | None = None, field: str = "input") -> 
 
 
 def config_hash(config: PiiConfig) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+    """The settings that decide what a redacted copy looks like (`redact_live` only says where)."""
+    settings = config.model_dump(mode="json", exclude={"redact_live"})
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def redacted_copy(conn: Connection, text: str, field: str, config: PiiConfig, record: bool = True) -> str:
@@ -219,9 +222,100 @@ def redacted_copy(conn: Connection, text: str, field: str, config: PiiConfig, re
 
 
 def redact_for_teacher(project, text: str) -> str:
-    """What a live teacher call may send for an input: the hook for the labeling engine."""
+    """One input as it may leave the machine, its copy recorded (a `Redactor` does this for a run)."""
     with project.store.engine.begin() as conn:
         return redacted_copy(conn, text, "input", project.config.curation.pii)
+
+
+class Redactor:
+    """What a run sends of example texts to a teacher or a judge: each text with its PII replaced by
+    typed placeholders (the field's types in `curation.pii`), unless `redact` is off. Counts the
+    texts that held PII and the findings per type either way, and records the copies it made in
+    `redactions` (`record`). Every paid request built from an example's text goes through one."""
+
+    def __init__(self, config: PiiConfig, redact: bool = True, off_reason: str = "--no-redact"):
+        self.config = config
+        self.on = config.enabled and redact
+        self.off_reason = None if self.on else (
+            "curation.pii.enabled is false" if not config.enabled else off_reason)
+        self.texts: Counter = Counter()  # field -> distinct texts with findings
+        self.findings: Counter = Counter()  # type -> findings in those texts
+        self._seen: dict[tuple[str, str], str] = {}  # (text, field) -> what is sent
+        self._copies: dict[tuple[str, str], tuple[str, list[Finding]]] = {}  # (source hash, field) -> copy
+
+    @classmethod
+    def for_project(cls, project, redact: bool = True, off_reason: str = "--no-redact") -> "Redactor":
+        return cls(project.config.curation.pii, redact, off_reason)
+
+    def __call__(self, text: str, field: str = "input") -> str:
+        key = (text, field)
+        if key not in self._seen:
+            # Detection runs with redaction off too, so a --no-redact run reports what it sent raw.
+            redacted, findings = redact(text, self.config, field)
+            if findings:
+                self.texts[field] += 1
+                self.findings.update(f.type for f in findings)
+                if self.on:
+                    self._copies[(content_hash(text), field)] = (redacted, findings)
+            self._seen[key] = redacted if self.on else text
+        return self._seen[key]
+
+    def alternative(self, text: str, field: str = "input") -> str:
+        """What the other choice would send: the raw text when redacting, the redacted one under
+        --no-redact (with `curation.pii.enabled: false` there is no other choice)."""
+        if self.on or not self.config.enabled:
+            return text
+        return redact(text, self.config, field)[0]
+
+    def messages(self, messages: list[dict], field: str = "input") -> list[dict]:
+        """A chat with every text content redacted (string contents and text parts)."""
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, str):
+                content = self(content, field)
+            elif isinstance(content, list):
+                content = [{**p, "text": self(p["text"], field)}
+                           if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           else p for p in content]
+            out.append({**m, "content": content} if "content" in m else dict(m))
+        return out
+
+    def summary(self, fields: tuple[str, ...] = ("input",)) -> dict:
+        """{"redacted": sent redacted?, "off_reason", "<field>s_with_pii": distinct texts, "by_type"}."""
+        out: dict = {"redacted": self.on, "off_reason": self.off_reason}
+        out.update({f"{field}s_with_pii": self.texts[field] for field in fields})
+        out["by_type"] = dict(sorted(self.findings.items()))
+        return out
+
+    def record(self, engine) -> int:
+        """Store the redacted copies made so far (those not stored yet); returns how many were new."""
+        if not self._copies:
+            return 0
+        from sqlalchemy.exc import IntegrityError
+
+        table, ch = T.TABLES["redactions"], config_hash(self.config)
+        copies, self._copies = self._copies, {}
+        for attempt in range(2):  # a run beside this one may store the same copy first
+            try:
+                with engine.begin() as conn:
+                    stored = set()
+                    hashes = sorted({h for h, _ in copies})
+                    for start in range(0, len(hashes), 500):
+                        stored |= {(h, f) for h, f in conn.execute(select(table.c.source_hash, table.c.field).where(
+                            table.c.config_hash == ch, table.c.source_hash.in_(hashes[start:start + 500])))}
+                    stamp = now()
+                    rows = [{"source_hash": h, "field": f, "config_hash": ch, "redacted_text": redacted,
+                             "findings": json.dumps([x.as_list() for x in findings]), "n_findings": len(findings),
+                             "created_at": stamp}
+                            for (h, f), (redacted, findings) in copies.items() if (h, f) not in stored]
+                    if rows:
+                        conn.execute(insert(table), rows)
+                    return len(rows)
+            except IntegrityError:
+                if attempt:
+                    raise
+        return 0
 
 
 def pii_report(project, apply: bool = False, max_examples: int = 10) -> dict:

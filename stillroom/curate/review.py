@@ -3,6 +3,8 @@ or a stronger judge model, and the decisions read back.
 
 A decision is `accept` (the teacher's label stands), `fix` (the reviewer's label replaces it: a
 label with provenance 'human', decided by the reviewer) or `discard` (the example never trains).
+The label is the task's answer: a label name, an extraction record (in JSONL a JSON object, in CSV
+its JSON text; validated against the schema) or a generation text (within the length limit).
 Decisions are append-only; the latest per example is in force, and `training_labels` applies them.
 """
 
@@ -88,11 +90,13 @@ def latest_decisions(conn: Connection) -> dict[int, Decision]:
     return {r.example_id: Decision(r.example_id, r.decision, r.label, r.reviewer, r.source) for r in rows}
 
 
-def training_labels(conn: Connection, label_set: list[str] | None = None) -> tuple[dict[int, str], dict[int, str]]:
+def training_labels(conn: Connection, label_set: list[str] | None = None,
+                    task=None) -> tuple[dict[int, str], dict[int, str]]:
     """(label per example that may train, where it came from: 'teacher' | 'review').
 
     The teacher's label, replaced by a reviewer's fix; discarded examples are left out, and so are
-    labels outside `label_set` (the label set was edited after labelling: `curate qc` lists them)."""
+    labels outside `label_set`, or (with `task`) labels no longer valid for the task: outside the
+    label set, off the schema, over the length limit (`curate qc` lists them)."""
     labels = teacher_labels(conn)
     source = {i: "teacher" for i in labels}
     for ex, d in latest_decisions(conn).items():
@@ -105,6 +109,11 @@ def training_labels(conn: Connection, label_set: list[str] | None = None) -> tup
     if label_set is not None:
         allowed = set(label_set)
         labels = {i: lab for i, lab in labels.items() if lab in allowed}
+    if task is not None:
+        from stillroom.curate.qc import label_problem
+
+        usable = {lab: label_problem(task, lab) is None for lab in set(labels.values())}
+        labels = {i: lab for i, lab in labels.items() if usable[lab]}
     return labels, {i: source[i] for i in labels}
 
 
@@ -135,15 +144,16 @@ def review_queue(project, include_decided: bool = False, redact: bool = True) ->
     """Sampled + flagged + rejected items, by example id. Decided items are left out unless asked."""
     from stillroom.curate.pii import redacted_copy
     from stillroom.curate.qc import rejections
+    from stillroom.curate.split import stratum_of
 
     cfg = project.config.curation.review
     with project.store.engine.begin() as conn:
         labels = teacher_labels(conn)
         splits = split_assignments(conn)
-        by_label: dict[str, list[int]] = defaultdict(list)
+        by_label: dict[str, list[int]] = defaultdict(list)  # by stratum: label, stated fields, or one group
         for ex, label in labels.items():
             if splits.get(ex) in cfg.splits:
-                by_label[label].append(ex)
+                by_label[stratum_of(project.task, label)].append(ex)
         why: dict[int, list[str]] = defaultdict(list)
         for ex in _stratified_sample(by_label, cfg.fraction, cfg.min_per_label, cfg.seed):
             why[ex].append("sample")
@@ -177,8 +187,19 @@ def export_review(project, path: Path, include_decided: bool = False, redact: bo
     path = Path(path)
     fmt = _format(path)
     items = review_queue(project, include_decided=include_decided, redact=redact)
+    task = project.task
+
+    def shown(label: str | None):
+        # JSONL carries an extraction record as an object (edit it in place for a fix); CSV as JSON text.
+        if label and fmt == "jsonl" and task.type == "extraction":
+            try:
+                return json.loads(label)
+            except ValueError:
+                return label
+        return label or ""
+
     rows = [{"example_id": i.example_id, "split": i.split, "why": "; ".join(i.why), "input": i.input,
-             "teacher_label": i.teacher_label or "", "teacher_output": i.teacher_output or "",
+             "teacher_label": shown(i.teacher_label), "teacher_output": i.teacher_output or "",
              "decision": "", "label": "", "reviewer": "", "note": ""} for i in items]
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8", newline="") as f:
@@ -193,8 +214,8 @@ def export_review(project, path: Path, include_decided: bool = False, redact: bo
     for i in items:
         for w in {w.split(" ")[0] for w in i.why}:
             counts[w] += 1
-    return {"path": str(path), "items": len(items), "by_reason": dict(counts),
-            "labels": project.task.labels, "redacted": redact}
+    return {"path": str(path), "items": len(items), "by_reason": dict(counts), "task_type": task.type,
+            "labels": task.labels, "redacted": redact}
 
 
 # --- reading decisions back --------------------------------------------------------------------
@@ -259,6 +280,30 @@ def _read_rows(path: Path) -> tuple[list[tuple[int, dict]], list[tuple[int, str]
     return rows, problems
 
 
+def _fixed_label(task, value) -> tuple[str | None, str | None]:
+    """(the canonical answer a `fix` gives, or why it is not a valid one)."""
+    what = {"classification": "the correct label", "extraction": "the corrected record (a JSON object)",
+            "generation": "the corrected text"}[task.type]
+    if isinstance(value, (dict, list)):
+        if task.type != "extraction":
+            return None, f"column 'label' holds JSON; a {task.type} fix is {what}"
+        given = json.dumps(value, ensure_ascii=False)
+    else:
+        given = "" if value is None else str(value).strip()
+    if not given:
+        return None, f"decision 'fix' needs {what} in column 'label'"
+    try:
+        label = task.parse(given)
+    except ParseError as exc:
+        if task.type == "classification":
+            return None, f"label {given!r} is not one of the labels ({', '.join(task.labels)})"
+        return None, f"the fix is not valid for the task: {exc}"
+    if task.type == "classification" and label.casefold() != given.casefold():
+        # parse also finds a label inside a sentence; a reviewer's fix must be the label itself
+        return None, f"label {given!r} is not one of the labels ({', '.join(task.labels)})"
+    return label, None
+
+
 def _text_field(row: dict, name: str) -> str:
     value = row.get(name)
     return "" if value is None else str(value).strip()
@@ -304,17 +349,9 @@ def import_review(project, path: Path, reviewer: str | None = None, strict: bool
                 continue
             label = None
             if decision == "fix":
-                given = _text_field(row, "label")
-                if not given:
-                    problems.append((line, "decision 'fix' needs the correct label in column 'label'"))
-                    continue
-                try:
-                    label = task.parse(given)
-                except ParseError:
-                    problems.append((line, f"label {given!r} is not one of the labels ({', '.join(task.labels)})"))
-                    continue
-                if label.casefold() != given.casefold():  # parse also finds a label inside a sentence
-                    problems.append((line, f"label {given!r} is not one of the labels ({', '.join(task.labels)})"))
+                label, problem = _fixed_label(task, row.get("label"))
+                if problem:
+                    problems.append((line, problem))
                     continue
             elif decision == "accept" and ex not in teacher:
                 why = "its teacher output was rejected" if ex in rejected else "it has no teacher label"

@@ -3,7 +3,8 @@
 Assignments are sticky: an example keeps its split forever, so re-running after importing more data
 only places the new examples, and once the eval split is locked new examples never enter it.
 Human-labelled examples fill the eval split first (`split.human_labelled_to_eval`): they are the
-gold set that can tell a teacher mistake from a student mistake.
+gold set that can tell a teacher mistake from a student mistake. Teacher paraphrases
+(`curate augment`) are train-only: they never enter another split, nor count towards the sizes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,24 @@ from stillroom.store.db import now
 from stillroom.store.records import all_examples, human_labels, split_assignments, teacher_labels
 
 SPLITS = ("train", "validation", "calibration", "eval")
+
+
+def stratum_of(task, answer: str) -> str:
+    """The group an answer is stratified (and sampled, and balanced) by: the label
+    (classification), the sorted set of top-level fields the record states (extraction), or one
+    group for all (generation: free text has no classes)."""
+    if task is None or task.type == "classification":
+        return answer
+    if task.type == "extraction":
+        import json
+
+        try:
+            record = json.loads(answer)
+        except ValueError:
+            return "(not a record)"
+        stated = sorted(k for k, v in record.items() if v not in (None, "", [], {})) if isinstance(record, dict) else []
+        return "+".join(stated) or "(nothing stated)"
+    return "(all)"
 
 
 @dataclass
@@ -46,10 +65,10 @@ def _allocate(n: int, fractions: dict[str, float]) -> dict[str, int]:
 
 
 def _stratified(ids: list[int], labels: dict[int, str], fractions: dict[str, float],
-                rng: random.Random) -> dict[int, str]:
+                rng: random.Random, task=None) -> dict[int, str]:
     groups: dict[str, list[int]] = defaultdict(list)
     for i in ids:
-        groups[labels[i]].append(i)
+        groups[stratum_of(task, labels[i])].append(i)
     out: dict[int, str] = {}
     for label in sorted(groups):
         members = sorted(groups[label])
@@ -65,6 +84,7 @@ def _stratified(ids: list[int], labels: dict[int, str], fractions: dict[str, flo
 
 def split_project(project: Project, eval_locked: bool | None = None) -> SplitReport:
     """Assign every teacher-labelled, not yet assigned example to a split."""
+    from stillroom.curate.augment import augmented_ids
     from stillroom.curate.lock import active_lock
 
     cfg = project.config.split
@@ -77,15 +97,19 @@ def split_project(project: Project, eval_locked: bool | None = None) -> SplitRep
         humans = human_labels(conn)
         existing = split_assignments(conn)
         examples = all_examples(conn)
-        todo = sorted(i for i in labels if i not in existing)
-        unlabelled = sum(1 for i in examples if i not in labels and i not in existing)
+        augmented = augmented_ids(conn)
+        todo = sorted(i for i in labels if i not in existing and i not in augmented)
+        unlabelled = sum(1 for i in examples if i not in labels and i not in existing and i not in augmented)
+        # A paraphrase in validation, calibration or eval would score the student on a rewrite of its
+        # own training data; they are created in train, and one that somehow lacks a split goes there.
+        forced = {i: "train" for i in sorted(augmented) if i not in existing}
 
         assignment: dict[int, str] = {}
         if eval_locked:
             rest = {k: v for k, v in fractions.items() if k != "eval"}
-            assignment = _stratified(todo, labels, rest, rng)
+            assignment = _stratified(todo, labels, rest, rng, project.task)
         else:
-            n_total = len(existing) + len(todo)
+            n_total = sum(1 for i in existing if i not in augmented) + len(todo)
             eval_target = round(cfg.eval * n_total) - sum(1 for s in existing.values() if s == "eval")
             pool = todo
             if cfg.human_labelled_to_eval and eval_target > 0:
@@ -99,8 +123,9 @@ def split_project(project: Project, eval_locked: bool | None = None) -> SplitRep
                 e = min(max(eval_target, 0) / len(pool), 1.0)
                 scale = (1 - e) / (1 - cfg.eval)
                 adjusted = {k: (v * scale if k != "eval" else e) for k, v in fractions.items()}
-                assignment.update(_stratified(pool, labels, adjusted, rng))
+                assignment.update(_stratified(pool, labels, adjusted, rng, project.task))
 
+        assignment.update(forced)
         if assignment:
             conn.execute(
                 insert(T.splits),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from stillroom.curate.lock import verify_lock
+from stillroom.evaluate.metrics import example_agrees
 from stillroom.project import Project, ProjectError
 from stillroom.route.calibrate import apply_threshold, pick_threshold
 from stillroom.store import tables as T
@@ -36,7 +37,7 @@ def calibrate_student(project: Project, name: str, target: float | None = None) 
         split = splits.get(ex)
         if split in by_split and ex in teacher:
             by_split[split][0].append(r.confidence)
-            by_split[split][1].append(bool(project.task.score(r.label, teacher[ex])))
+            by_split[split][1].append(example_agrees(project.task, r.label, teacher[ex]))
     chosen = pick_threshold(*by_split["calibration"], target)
     return {
         "student": name, "run_id": run["id"], "target": target, "threshold": chosen["threshold"],

@@ -10,8 +10,8 @@ stage plugs in artifacts by adding one entry; the function has the signature
 and returns a label per eval example id.
 
 Classification uses McNemar's test on the discordant pairs (exact binomial below
-`EXACT_BELOW` discordant examples, chi-square with continuity correction otherwise); other task
-types (non-binary scores) use a paired bootstrap.
+`EXACT_BELOW` discordant examples, chi-square with continuity correction otherwise); extraction and
+generation (graded scores; an answer the task cannot parse scores 0) use a paired bootstrap.
 """
 
 from __future__ import annotations
@@ -64,9 +64,12 @@ def _binary(scores: list[float]) -> bool:
 
 
 def compare_predictions(a: dict, b: dict, reference: dict, score=None, n_resamples: int = DEFAULT_RESAMPLES,
-                        seed: int = 0, names: tuple[str, str] = ("A", "B")) -> dict:
+                        seed: int = 0, names: tuple[str, str] = ("A", "B"), test: str | None = None) -> dict:
     """Compare two sources' answers (example id -> answer) against a reference (example id -> answer)
-    on the examples all three have. `score(prediction, reference)` defaults to exact match."""
+    on the examples all three have. `score(prediction, reference)` defaults to exact match. `test`:
+    "mcnemar" (needs 0/1 scores), "bootstrap", or None to pick McNemar when every score is 0 or 1."""
+    if test not in (None, "mcnemar", "bootstrap"):
+        raise ValueError(f"test must be 'mcnemar', 'bootstrap' or None, got {test!r}")
     score = score or (lambda p, r: 1.0 if p == r else 0.0)
     common = [i for i in reference if i in a and i in b]
     if not common:
@@ -80,7 +83,10 @@ def compare_predictions(a: dict, b: dict, reference: dict, score=None, n_resampl
         # a minus b in points, with a paired bootstrap interval (paired_gap_ci computes first - second)
         "difference": paired_gap_ci(sa, sb, n_resamples, seed),
     }
-    if _binary(sa) and _binary(sb):
+    binary = _binary(sa) and _binary(sb)
+    if test == "mcnemar" and not binary:
+        raise CompareError("McNemar's test needs right/wrong (0/1) scores; these are graded: use the paired bootstrap")
+    if test != "bootstrap" and binary:
         table = {"both_right": 0, "a_only": 0, "b_only": 0, "both_wrong": 0}
         for x, y in zip(sa, sb):
             key = "both_right" if x and y else "a_only" if x else "b_only" if y else "both_wrong"
@@ -178,6 +184,7 @@ def resolve_source(project, spec: str, rows) -> Source:
 def compare_sources(project, spec_a: str, spec_b: str) -> dict:
     """Both sources on the locked eval set, against the teacher and, where present, human labels."""
     from stillroom.curate.lock import verify_lock
+    from stillroom.evaluate.metrics import example_score
     from stillroom.store.records import human_labels, split_rows
 
     lock = verify_lock(project)
@@ -189,8 +196,11 @@ def compare_sources(project, spec_a: str, spec_b: str) -> dict:
     a = resolve_source(project, spec_a, rows)
     b = resolve_source(project, spec_b, rows)
     gate = project.config.gate
-    kw = {"score": project.task.score, "n_resamples": gate.bootstrap_resamples, "seed": gate.bootstrap_seed,
-          "names": (spec_a, spec_b)}
+    task = project.task
+    # The issue's rule: McNemar for classification; graded task types use the paired bootstrap.
+    kw = {"score": lambda p, r: example_score(task, p, r), "n_resamples": gate.bootstrap_resamples,
+          "seed": gate.bootstrap_seed, "names": (spec_a, spec_b),
+          "test": "mcnemar" if task.type == "classification" else "bootstrap"}
     teacher = {ex.id: label for ex, label in rows}
     human = {ex.id: humans[ex.id] for ex, _ in rows if ex.id in humans}
     return {

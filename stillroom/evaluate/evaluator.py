@@ -13,6 +13,7 @@ import time
 from sqlalchemy import insert, select
 
 from stillroom.curate.lock import verify_lock
+from stillroom.evaluate.metrics import example_agrees, example_score
 from stillroom.evaluate.scorecard import Scored, scorecard
 from stillroom.project import Project, ProjectError
 from stillroom.route.calibrate import apply_threshold, coverage_curve, pick_threshold
@@ -21,13 +22,16 @@ from stillroom.store.db import now, to_json
 from stillroom.store.records import human_labels, latest_run, split_rows
 from stillroom.train.registry import load_student
 
-__all__ = ["evaluate_student", "latest_evaluation", "deployed_evaluation", "deployed_model_path", "lock_status", "check_label_set", "load_run_student"]
+__all__ = ["evaluate_student", "disagreements", "latest_evaluation", "deployed_evaluation", "deployed_model_path", "lock_status", "check_label_set", "load_run_student"]
 
 MAX_ERRORS_KEPT = 50
 
 
 def check_label_set(task, student, name: str) -> None:
-    """Refuse a student whose label set differs from the task's: its scores would mean nothing."""
+    """Refuse a student whose label set differs from the task's: its scores would mean nothing.
+    Only classification has a label set; extraction and generation students answer free text."""
+    if getattr(task, "type", "classification") != "classification":
+        return
     student_labels = list(getattr(student, "labels", None) or task.labels)
     missing = [x for x in task.labels if x not in student_labels]
     unknown = [x for x in student_labels if x not in task.labels]
@@ -48,8 +52,42 @@ def load_run_student(project: Project, name: str, run: dict):
     return student
 
 
-def evaluate_student(project: Project, name: str) -> dict:
-    """Evaluate the newest trained run of a student; records predictions and the evaluation."""
+def disagreements(task, scored: list[Scored], limit: int = MAX_ERRORS_KEPT) -> list[dict]:
+    """The examples where the student does not agree with the teacher (`task.agrees`). For graded
+    task types each carries its score and the worst come first; classification keeps eval order."""
+    rows = [(s, example_score(task, s.student, s.teacher)) for s in scored
+            if not example_agrees(task, s.student, s.teacher)]
+    if task.type != "classification":
+        rows.sort(key=lambda pair: pair[1])
+    return [{"example_id": s.example_id, "input": s.input, "teacher": s.teacher, "student": s.student,
+             "confidence": round(s.confidence, 4), "human": s.human,
+             **({} if task.type == "classification" else {"score": round(score, 4)})}
+            for s, score in rows[:limit]]
+
+
+def _latencies(student, texts: list[str], samples: int) -> dict:
+    import statistics
+
+    latencies = []
+    for text in texts[:samples]:
+        started = time.perf_counter()
+        student.predict([text])
+        latencies.append((time.perf_counter() - started) * 1000)
+    ordered = sorted(latencies)
+    return {"n": len(latencies), "p50": statistics.median(latencies) if latencies else None,
+            "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))] if ordered else None}
+
+
+def evaluate_student(project: Project, name: str, student=None, *, kind: str = "eval", record: bool = True,
+                     latency_samples: int = 0) -> dict:
+    """Evaluate the newest trained run of a student on the locked eval split; records its predictions
+    and the evaluation.
+
+    `student`: any loaded object with `predict(texts) -> [Prediction]` (an exported artifact, say)
+    evaluated in place of the run's saved model; `kind` names the evaluation (`eval`, or
+    `artifact:<format>`, which `set` repeats). With `record=False` nothing is written and the
+    answers come back as `predictions` ([example id, answer, confidence]) for the caller to keep.
+    `latency_samples` > 0 also times that many single-input calls (`latency_ms`: n, p50, p95)."""
     lock = verify_lock(project)
     task = project.task
     with project.store.engine.connect() as conn:
@@ -61,11 +99,16 @@ def evaluate_student(project: Project, name: str) -> dict:
         humans = human_labels(conn)
     if not eval_rows:
         raise ProjectError("the eval split has no teacher-labelled examples")
-    student = load_run_student(project, name, run)
+    if student is None:
+        student = load_run_student(project, name, run)
+    else:
+        check_label_set(task, student, name)
 
-    student.predict([eval_rows[0][0].input])  # warm-up: model loading is not throughput
+    texts = [ex.input for ex, _ in eval_rows]
+    student.predict(texts[:1])  # warm-up: model loading is not throughput
+    latency = _latencies(student, texts, latency_samples) if latency_samples else None
     started = time.perf_counter()
-    eval_preds = student.predict([ex.input for ex, _ in eval_rows])
+    eval_preds = student.predict(texts)
     seconds = time.perf_counter() - started
     cal_preds = student.predict([ex.input for ex, _ in cal_rows]) if cal_rows else []
 
@@ -74,16 +117,16 @@ def evaluate_student(project: Project, name: str) -> dict:
     card = scorecard(task, scored, project.config.gate)
 
     target = project.config.routing.target_agreement
-    cal_agrees = [bool(task.score(p.label, label)) for p, (_, label) in zip(cal_preds, cal_rows)]
+    cal_agrees = [example_agrees(task, p.label, label) for p, (_, label) in zip(cal_preds, cal_rows)]
     calibration = pick_threshold([p.confidence for p in cal_preds], cal_agrees, target)
-    eval_agrees = [bool(task.score(s.student, s.teacher)) for s in scored]
+    eval_agrees = [example_agrees(task, s.student, s.teacher) for s in scored]
     eval_conf = [s.confidence for s in scored]
 
     result = {
         "student": name,
         "kind": run["kind"],
         "run_id": run["id"],
-        "set": "eval",
+        "set": kind,
         "lock_id": lock.id,
         "lock_sha256": lock.manifest_sha256,
         "lock_reason": lock.reason,
@@ -93,12 +136,14 @@ def evaluate_student(project: Project, name: str) -> dict:
         "coverage_curve": coverage_curve(eval_conf, eval_agrees),
         "throughput": {"inputs": len(eval_rows), "seconds": seconds,
                        "inputs_per_s": len(eval_rows) / seconds if seconds else None},
-        "errors": [
-            {"example_id": s.example_id, "input": s.input, "teacher": s.teacher, "student": s.student,
-             "confidence": round(s.confidence, 4), "human": s.human}
-            for s in scored if not task.score(s.student, s.teacher)
-        ][:MAX_ERRORS_KEPT],
+        "n_disagreements": eval_agrees.count(False),
+        "errors": disagreements(task, scored),
     }
+    if latency is not None:
+        result["latency_ms"] = latency
+    if not record:
+        result["predictions"] = [[s.example_id, s.student, round(s.confidence, 6)] for s in scored]
+        return result
     created = now()
     with project.store.engine.begin() as conn:
         conn.execute(insert(T.predictions), [
@@ -107,7 +152,7 @@ def evaluate_student(project: Project, name: str) -> dict:
             for (ex, _), p in zip(eval_rows + cal_rows, eval_preds + cal_preds)
         ])
         res = conn.execute(insert(T.evaluations).values(
-            run_id=run["id"], lock_id=lock.id, kind="eval", metrics=to_json(result), created_at=created,
+            run_id=run["id"], lock_id=lock.id, kind=kind, metrics=to_json(result), created_at=created,
         ))
     result["evaluation_id"] = res.inserted_primary_key[0]
     result.update(stale=False, lock_status=None)
@@ -136,8 +181,8 @@ def lock_status(conn, evaluated_lock_id: int) -> dict:
 
 
 def latest_evaluation(project: Project, name: str, kind: str = "eval") -> dict | None:
-    """The newest evaluation (`kind` eval or shadow) of a student's newest run, marked stale, with
-    the re-lock's reason, if the eval lock has changed since."""
+    """The newest evaluation (`kind` eval, shadow or judge) of a student's newest run, marked stale,
+    with the re-lock's reason, if the eval lock has changed since."""
     with project.store.engine.connect() as conn:
         run = latest_run(conn, name)
         if run is None:
@@ -150,7 +195,7 @@ def latest_evaluation(project: Project, name: str, kind: str = "eval") -> dict |
         if row is None:
             return None
         # Shadow traffic is not the locked set: a re-lock does not change what it measured.
-        status = lock_status(conn, row.lock_id) if kind == "eval" else {"stale": False}
+        status = lock_status(conn, row.lock_id) if kind != "shadow" else {"stale": False}
     result = json.loads(row.metrics)
     result["evaluation_id"] = row.id
     result["stale"] = status["stale"]

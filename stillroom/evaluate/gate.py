@@ -76,7 +76,10 @@ def decide(evaluation: dict, gate: GateConfig, mode: str | None = None) -> GateV
         raise GateError("gate.reference is 'human' but the eval split has no human labels; "
                         "import some with `stillroom import FILE --as human`")
     if use_human:
-        reference, student, teacher, n = "human", human["student_accuracy"], human["teacher_accuracy"], human["n"]
+        # `student_score` is the task's metric (accuracy for classification); older records have accuracy only
+        student = human.get("student_score", human.get("student_accuracy"))
+        teacher = human.get("teacher_score", human.get("teacher_accuracy"))
+        reference, n = "human", human["n"]
     else:
         reference, student, teacher, n = "teacher", evaluation["agreement"], 1.0, evaluation["vs_teacher"]["n"]
     name = evaluation["student"]
@@ -93,8 +96,10 @@ def decide(evaluation: dict, gate: GateConfig, mode: str | None = None) -> GateV
     stale_reason = (evaluation.get("lock_status") or {}).get("message") if stale else None
     passed = compared <= allowed and not bad_slices and not stale
 
-    basis = (f"on {n} human-labelled eval examples: teacher {teacher:.1%}, student {student:.1%}"
-             if reference == "human" else f"agreement with the teacher on {n} eval examples: {student:.1%}")
+    metric = evaluation.get("metric") or "accuracy"
+    measure = "" if metric == "accuracy" else f" ({metric})"
+    basis = (f"on {n} human-labelled eval examples{measure}: teacher {teacher:.1%}, student {student:.1%}"
+             if reference == "human" else f"agreement with the teacher on {n} eval examples{measure}: {student:.1%}")
     ci_part = _ci_text(ci) if has_ci else "no interval recorded"
     if mode == "strict":
         overall = (f"the gap of '{name}' to the teacher has an upper {ci['confidence']:.0%} bound of "

@@ -14,6 +14,9 @@
   preference, judge-human agreement and Cohen's kappa are reported.
 
 The judge is any `ChatBackend` (`judge:` in stillroom.yaml); tests drive it with a scripted one.
+`LedgeredJudge` wraps it so every call is recorded in `responses` (role `judge`) under the labeling
+ledger's request hash: a call asked before is answered from the store, so a re-run never pays twice.
+`evaluate/judge_eval.py` runs it on a student's answers on the locked eval split (`stillroom judge`).
 """
 
 from __future__ import annotations
@@ -23,12 +26,13 @@ import hashlib
 import json
 import re
 from dataclasses import asdict, dataclass
+from typing import Callable
 
-from stillroom.backends.base import BackendError, ChatBackend
+from stillroom.backends.base import BackendError, ChatBackend, Completion
 from stillroom.evaluate.bootstrap import DEFAULT_RESAMPLES, mean_ci
 
 __all__ = ["JudgePrompt", "PAIRWISE", "RUBRIC", "JudgeItem", "Judgement", "judge_items", "summarize",
-           "record_judgements", "parse_pairwise", "parse_rubric", "judge_backend"]
+           "record_judgements", "parse_pairwise", "parse_rubric", "judge_backend", "LedgeredJudge"]
 
 
 @dataclass(frozen=True)
@@ -154,13 +158,22 @@ async def _judge_item(backend, item: JudgeItem, max_retries: int, rubric: bool) 
 
 
 async def judge_items(backend: ChatBackend, items: list[JudgeItem], max_retries: int = 2, rubric: bool = True,
-                      concurrency: int = 4) -> list[Judgement]:
-    """Judge every item (pairwise in both orders, plus the rubric); results in item order."""
+                      concurrency: int = 4, backend_for: Callable[[JudgeItem], ChatBackend] | None = None,
+                      on_item: Callable[[int, int], None] | None = None) -> list[Judgement]:
+    """Judge every item (pairwise in both orders, plus the rubric); results in item order.
+    `backend_for(item)` gives the backend for one item (e.g. a `LedgeredJudge` bound to its example);
+    `on_item(done, total)` is called as items finish (a progress bar)."""
     gate = asyncio.Semaphore(concurrency)
+    done = 0
 
     async def one(item):
+        nonlocal done
         async with gate:
-            return await _judge_item(backend, item, max_retries, rubric)
+            result = await _judge_item(backend_for(item) if backend_for else backend, item, max_retries, rubric)
+        done += 1
+        if on_item:
+            on_item(done, len(items))
+        return result
 
     results = await asyncio.gather(*(one(i) for i in items))
     return [j for per_item in results for j in per_item]
@@ -268,3 +281,41 @@ def judge_backend(config) -> ChatBackend:
     if config.backend == "openai":
         return cls(config.base_url, config.model, config.api_key_env, config.timeout_s)
     return cls()
+
+
+class LedgeredJudge:
+    """A judge backend that records every call in `responses` (role `judge`, bound to one example)
+    under the labeling ledger's request hash (model, messages, params): a call already answered is
+    served from the store and not sent, so re-running a judgement never pays twice. The hash is also
+    sent as the Idempotency-Key where the backend takes one. `counts` tallies `sent` and `cached`."""
+
+    def __init__(self, backend: ChatBackend, engine, example_id: int, counts: dict | None = None):
+        self.backend, self.engine, self.example_id = backend, engine, example_id
+        self.name = getattr(backend, "name", "judge")
+        self.counts = counts if counts is not None else {}
+
+    async def chat(self, messages: list[dict], max_tokens: int | None = None,
+                   temperature: float | None = None) -> Completion:
+        from sqlalchemy import select
+
+        from stillroom.label.ledger import request_hash
+        from stillroom.store import tables as T
+        from stillroom.store.records import add_response
+
+        R = T.responses
+        rhash = request_hash(self.name, messages, {"max_tokens": max_tokens, "temperature": temperature,
+                                                   "role": "judge"}, 0)
+        with self.engine.connect() as conn:
+            row = conn.execute(select(R.c.output, R.c.input_tokens, R.c.output_tokens, R.c.model)
+                               .where(R.c.request_hash == rhash)).first()
+        if row is not None:
+            self.counts["cached"] = self.counts.get("cached", 0) + 1
+            return Completion(row.output, row.input_tokens or 0, row.output_tokens or 0, 0.0, row.model)
+        extra = {"idempotency_key": rhash} if getattr(self.backend, "accepts_idempotency_key", False) else {}
+        reply = await self.backend.chat(messages, max_tokens=max_tokens, temperature=temperature, **extra)
+        self.counts["sent"] = self.counts.get("sent", 0) + 1
+        with self.engine.begin() as conn:
+            add_response(conn, self.example_id, rhash, role="judge", model=reply.model or self.name, origin="live",
+                         output=reply.text, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
+                         cost_usd=None, latency_ms=reply.latency_ms)
+        return reply

@@ -1,7 +1,7 @@
 """Offline shadow evaluation: score a student on logged production traffic.
 
 The inputs are what the gateway recorded in `routed_requests` where the teacher answered (route
-`teacher`, answer parseable as a label), plus any request logs given as files (OpenAI chat JSONL or
+`teacher`, answer the task can parse: a label, a record, a text), plus any request logs given as files (OpenAI chat JSONL or
 CSV, the teacher's answer as the assistant turn / output column). They go through the same
 `scorecard` as the locked eval split. Requests the student served carry no teacher answer and are
 counted, not scored. Human labels are attached where a logged input is a known example.
@@ -73,7 +73,8 @@ def shadow_traffic(project: Project, logs: list[Path] = ()) -> tuple[list[dict],
 
 def shadow_evaluate(project: Project, name: str, logs: list[Path] = ()) -> dict:
     """Score the newest run of a student on logged traffic; recorded as a `shadow` evaluation."""
-    from stillroom.evaluate.evaluator import load_run_student
+    from stillroom.evaluate.evaluator import disagreements, load_run_student
+    from stillroom.evaluate.metrics import example_agrees
 
     rows, counts = shadow_traffic(project, logs)
     with project.store.engine.connect() as conn:
@@ -112,11 +113,8 @@ def shadow_evaluate(project: Project, name: str, logs: list[Path] = ()) -> dict:
         **card,
         "traffic": dict(counts, scored=len(scored), seen_in_training=seen_in_training,
                         in_locked_eval=eval_inputs, logs=[str(p) for p in logs]),
-        "errors": [
-            {"example_id": s.example_id, "input": s.input, "teacher": s.teacher, "student": s.student,
-             "confidence": round(s.confidence, 4), "human": s.human}
-            for s in scored if not project.task.score(s.student, s.teacher)
-        ][:50],
+        "n_disagreements": sum(not example_agrees(project.task, s.student, s.teacher) for s in scored),
+        "errors": disagreements(project.task, scored),
     }
     with project.store.engine.begin() as conn:
         res = conn.execute(insert(T.evaluations).values(

@@ -1,15 +1,18 @@
 """Slices: the same teacher-minus-student gap, measured per segment of the eval set.
 
-Averages hide where a student loses; a slice shows it. Four kinds:
+Averages hide where a student loses; a slice shows it. The kinds:
 
-- `class`: by the reference label (the teacher's, or the human's when the gate uses humans);
+- `class` (classification): by the reference label (the teacher's, or the human's when the gate uses
+  humans);
+- `field` (extraction): by each top-level field the reference record states (a record stating three
+  fields counts in three field slices), scored on the whole record;
 - `length`: by input length in whitespace-separated words, in fixed buckets (`LENGTH_BUCKETS`), so
   the same bucket means the same thing in every evaluation and every project;
 - `source`: by the file (or log) an example was imported from;
 - `tag`: by each tag on the example (an example with two tags counts in both).
 
-A class with no examples is listed under `empty` with a sentence, never scored as zero (length
-buckets, sources and tags exist only where examples do).
+A class (or a schema field) with no examples is listed under `empty` with a sentence, never scored
+as zero (length buckets, sources and tags exist only where examples do).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ class SliceItem:
     source: str = ""
     tags: list[str] = field(default_factory=list)
     detail: dict = field(default_factory=dict)  # shown with the slice's examples (labels, confidence)
+    keys: list[tuple[str, str]] = field(default_factory=list)  # more slices it belongs to, e.g. ("field", "date")
 
 
 def _summary(kind: str, name: str, items: list[SliceItem], min_examples: int) -> dict:
@@ -60,12 +64,16 @@ def _summary(kind: str, name: str, items: list[SliceItem], min_examples: int) ->
     }
 
 
-def compute_slices(items: list[SliceItem], labels: list[str] | None = None, min_examples: int = 20) -> dict:
+def compute_slices(items: list[SliceItem], labels: list[str] | None = None, min_examples: int = 20,
+                   by_class: bool = True, fields: list[str] | None = None) -> dict:
     """Every slice's gap; `labels` (the task's label set, for classification) lets a class absent
-    from the eval set show up as an empty slice rather than silently disappear."""
+    from the eval set show up as an empty slice rather than silently disappear, as `fields` (an
+    extraction schema's top-level fields) does for a field no reference states. `by_class`: slice
+    by the reference itself (a label; meaningless for records and free text)."""
     groups: dict[tuple[str, str], list[SliceItem]] = {}
     for item in items:
-        keys = [("class", item.reference), ("length", length_bucket(item.input))]
+        keys = [("class", item.reference)] if by_class else []
+        keys += list(item.keys) + [("length", length_bucket(item.input))]
         keys.append(("source", item.source or "(unknown source)"))
         keys += [("tag", t) for t in item.tags]
         for key in keys:
@@ -77,6 +85,10 @@ def compute_slices(items: list[SliceItem], labels: list[str] | None = None, min_
         if ("class", label) not in groups:
             empty.append({"kind": "class", "name": label,
                           "message": f"class '{label}' has no examples in this set: its quality is unmeasured"})
+    for name in fields or []:
+        if ("field", name) not in groups:
+            empty.append({"kind": "field", "name": name,
+                          "message": f"no reference in this set states field '{name}': its quality is unmeasured"})
     if not items:
         empty.append({"kind": "all", "name": "all", "message": "no scored examples: every slice is empty"})
     return {"min_examples": min_examples, "slices": slices, "empty": empty,

@@ -23,6 +23,7 @@ from sqlalchemy import insert, select, update
 
 from stillroom.label import ledger
 from stillroom.label.engine import (
+    REFUSED,
     Budget,
     LabelingError,
     LabelProgress,
@@ -160,6 +161,15 @@ def _create(project, client: BatchClient, job_id: int) -> None:
             updated_at=now()))
 
 
+def _refused(status, body) -> bool:
+    """A batch line that the endpoint turned down for its response_format."""
+    from stillroom.backends.base import BackendError, refuses_response_format
+
+    error = (body or {}).get("error") if isinstance(body, dict) else None
+    message = str(error.get("message") if isinstance(error, dict) else error or "")
+    return status == 400 and refuses_response_format(BackendError(message, status_code=400))
+
+
 def _collect(project, client: BatchClient, job, batch: dict, report: LabelReport) -> None:
     """Record a finished batch's answers and failures (one transaction per file)."""
     teacher, cfg = project.config.teacher, project.config.labeling
@@ -181,8 +191,13 @@ def _collect(project, client: BatchClient, job, batch: dict, report: LabelReport
                     if not isinstance(text, str):
                         raise TypeError
                 except (KeyError, IndexError, TypeError):
-                    ledger.mark_failed(conn, h, f"batch answer without choices[0].message.content "
-                                                f"(HTTP {response.get('status_code')}): {str(body)[:300]}", 1)
+                    reason = (f"batch answer without choices[0].message.content "
+                              f"(HTTP {response.get('status_code')}): {str(body)[:300]}")
+                    if _refused(response.get("status_code"), body):
+                        # Recorded once on the intent: the next run (live or batch) prompts plainly.
+                        reason = f"{REFUSED}{str(body)[:300]}; the next run asks without response_format"
+                        report.structured_output = f"refused in batch: {str(body)[:300]}"
+                    ledger.mark_failed(conn, h, reason, 1)
                     report.calls_failed += 1
                     report.failures.append({"example_id": owed[h][0], "sample": owed[h][1],
                                             "reason": f"batch answer HTTP {response.get('status_code')}"})
@@ -204,6 +219,9 @@ def _collect(project, client: BatchClient, job, batch: dict, report: LabelReport
                     continue
                 error = row.get("error") or (row.get("response") or {}).get("body", {}).get("error") or {}
                 reason = f"batch request failed: {error.get('message') or error}"
+                if _refused((row.get("response") or {}).get("status_code") or 400, {"error": error}):
+                    reason = f"{REFUSED}{error.get('message') or error}; the next run asks without response_format"
+                    report.structured_output = f"refused in batch: {error.get('message') or error}"
                 ledger.mark_failed(conn, h, reason, 1)
                 report.calls_failed += 1
                 report.failures.append({"example_id": owed[h][0], "sample": owed[h][1], "reason": reason})

@@ -12,6 +12,19 @@ The run, top to bottom:
    provenance 'teacher', and flag ties, low agreement and invalid answers for review.
 
 Batch endpoints (batch.py) and Ray (ray_runner.py) replace step 2; steps 1 and 3 are shared.
+
+PII: the plan builds every call's messages from the input as `curate/pii.py` redacts it (emails,
+phones, cards, IBANs, user patterns -> `[EMAIL]`, `[CARD]`, ...; `curation.pii.input`), so live,
+batch and Ray calls send the same redacted text, and the request hash is over what is sent: an
+input without PII hashes as it always did. `redact=False` (`--no-redact`) sends the raw text for
+teachers inside the team's own trust boundary; the report says which, and counts the inputs that
+held PII by type. An answer given under the other identity (raw / redacted) is not bought again.
+
+Structured output: a task with a `response_format` (extraction's JSON schema) sends it with every
+call to a backend that takes one, and it is part of each call's request hash. An endpoint that
+refuses it (HTTP 400 naming it; not billed) gets the same call again without it, and the rest of
+the run, and later runs, prompt plainly: the refusal is recorded once, on the refused call's
+intent, and every answer is still validated by `task.parse`.
 """
 
 from __future__ import annotations
@@ -25,18 +38,21 @@ from typing import Callable
 
 from sqlalchemy import select
 
-from stillroom.backends.base import BackendError, ChatBackend, Completion
+from stillroom.backends.base import BackendError, ChatBackend, Completion, refuses_response_format
 from stillroom.errors import StillroomError
 from stillroom.label import ledger
 from stillroom.label.ratelimit import Backoff, RateLimiter
 from stillroom.store import tables as T
-from stillroom.store.records import teacher_labels
+from stillroom.store.records import labels_by_example, teacher_labels
 
 __all__ = ["LabelProgress", "LabelReport", "LabelingError", "label_examples"]
 
 # A wrong key, a forbidden model or a wrong URL fails every call alike: stop instead of failing
 # each input in turn.
 FATAL_STATUS = {401, 403, 404}
+# The error recorded on the intent of a call whose endpoint refused `response_format`; planning
+# looks for it, so later runs of the same teacher model prompt plainly from the start.
+REFUSED = "structured output refused: "
 
 
 class LabelingError(StillroomError):
@@ -55,6 +71,7 @@ class Call:
     messages: list[dict]
     request_hash: str
     chars: int  # prompt size, for token and cost estimates before the call
+    plain_hash: str | None = None  # the call's identity without response_format (None: none is sent)
 
 
 @dataclass
@@ -69,7 +86,7 @@ class Item:
 @dataclass
 class Plan:
     model: str
-    params: dict
+    params: dict  # sent with every call: max_tokens, temperature, and response_format where used
     items: list[Item]
     notes: list[tuple[int, str, str]]  # (example id, flag kind, detail): rejected/truncated/encoding
     rejected: list[dict]
@@ -78,6 +95,32 @@ class Plan:
     live_pending: set[str] = field(default_factory=set)  # sent by a live run that died before the answer
     in_batch: set[str] = field(default_factory=set)  # hashes an unfinished batch job will answer
     only: set[str] | None = None  # restrict `calls` to these hashes
+    pii: dict | None = None  # the Redactor's summary over the plan's inputs
+    # Other paid teacher work (augmentation) runs through the same send path: its answers are
+    # recorded under `role` and `decide=False` skips the vote; the caller reads the answers.
+    role: str = "teacher"
+    decide: bool = True
+    plain_params: dict | None = None  # `params` without response_format
+    refused: str | None = None  # why the endpoint refused response_format (this run or an earlier one)
+    _index: dict = field(default_factory=dict, repr=False)  # example id -> Item, for go_plain
+
+    @property
+    def response_format(self) -> dict | None:
+        return self.params.get("response_format")
+
+    def go_plain(self, call: Call, missing: dict[int, set[str]] | None = None) -> None:
+        """Re-identify a call as its plain (no response_format) twin, in its item and `missing`."""
+        old, new = call.request_hash, call.plain_hash
+        if len(self._index) != len(self.items):
+            self._index = {i.example_id: i for i in self.items}
+        self._index[call.example_id].hashes[call.sample] = new
+        if missing is not None and old in missing.get(call.example_id, ()):
+            missing[call.example_id].discard(old)
+            missing[call.example_id].add(new)
+        call.request_hash, call.plain_hash = new, None
+
+    def call_params(self, call: Call) -> dict:
+        return self.params if call.plain_hash else (self.plain_params or self.params)
 
     @property
     def calls(self) -> list[Call]:
@@ -124,13 +167,23 @@ def teacher_messages(task, text: str) -> list[dict]:
     return [{"role": "user", "content": task.teacher_prompt(text)}]
 
 
-def make_plan(project, example_ids: list[int] | None = None, limit: int | None = None) -> Plan:
-    """What this run has to do (reads only)."""
+def make_plan(project, example_ids: list[int] | None = None, limit: int | None = None,
+              structured: bool = True, redactor=None) -> Plan:
+    """What this run has to do (reads only). `structured`: the backend can send the task's
+    response_format (the engine sends it unless the endpoint has refused it before). `redactor`
+    (default: `curation.pii` on) turns each input into what may be sent."""
+    from stillroom.curate.pii import Redactor
+
+    redactor = redactor if redactor is not None else Redactor.for_project(project)
     teacher, cfg = project.config.teacher, project.config.labeling
     params = {"max_tokens": teacher.max_tokens, "temperature": cfg.temperature}
+    plain_params = dict(params)
+    response_format = project.task.response_format() if structured else None
     E, R, I, B = T.examples, T.responses, ledger.INTENTS, ledger.BATCHES
     with project.store.engine.connect() as conn:
         labelled = set(teacher_labels(conn))
+        if example_ids is None:  # augmented examples carry their parent's label; only --ids re-labels them
+            labelled |= set(labels_by_example(conn, ("augmented",)))
         query = select(E.c.id, E.c.input).order_by(E.c.id)
         if example_ids is not None:
             query = query.where(E.c.id.in_(sorted(set(example_ids))))
@@ -139,30 +192,61 @@ def make_plan(project, example_ids: list[int] | None = None, limit: int | None =
         open_batches = {b for (b,) in conn.execute(select(B.c.id).where(B.c.status.in_(("submitting", "submitted"))))}
         intents = {h: (status, batch) for h, status, batch in conn.execute(
             select(I.c.request_hash, I.c.status, I.c.batch_id))}
+        refused = None
+        if response_format is not None:
+            refused = conn.execute(select(I.c.error).where(
+                I.c.model == teacher.model, I.c.error.like(REFUSED + "%")).order_by(I.c.id).limit(1)).scalar()
+    if response_format is not None and refused is None:
+        params = {**params, "response_format": response_format}
     if limit is not None:
         rows = rows[:limit]
-    plan = Plan(teacher.model, params, [], [], [], answered)
+    plan = Plan(teacher.model, params, [], [], [], answered, plain_params=plain_params,
+                refused=refused[len(REFUSED):] if refused else None)
     for example_id, raw in rows:
-        text, notes = check_input(raw, cfg.max_input_chars, cfg.over_long_inputs)
+        # Redacted before the length check, so a cut never leaves half an email behind.
+        sent = redactor(raw)
+        text, notes = check_input(sent, cfg.max_input_chars, cfg.over_long_inputs)
         plan.notes += [(example_id, kind, detail) for kind, detail in notes]
         if text is None:
             plan.rejected.append({"example_id": example_id, "reason": notes[-1][1]})
             continue
         messages = teacher_messages(project.task, text)
         chars = sum(len(str(m.get("content", ""))) for m in messages)
+        # The other way of sending this input (raw / redacted): an answer recorded before a switch of
+        # --no-redact is not bought again.
+        other_messages = None
+        alternative = redactor.alternative(raw)
+        if answered and alternative != sent:
+            other_text = check_input(alternative, cfg.max_input_chars, cfg.over_long_inputs)[0]
+            other_messages = teacher_messages(project.task, other_text) if other_text is not None else None
         item = Item(example_id, [], [])
         for sample in range(cfg.samples):
             h = ledger.request_hash(teacher.model, messages, params, sample)
+            # The same input asked with / without response_format is the same question: an answer
+            # under the other identity (before a refusal, or before structured output) is not re-bought.
+            twin, other = None, None
+            if response_format is not None:
+                other = plain_params if "response_format" in params else {**params, "response_format": response_format}
+                twin = ledger.request_hash(teacher.model, messages, other, sample)
+            if h not in answered and twin in answered:
+                h = twin
+            if h not in answered and other_messages is not None:
+                seen = [ledger.request_hash(teacher.model, other_messages, p, sample) for p in (params, other) if p]
+                h = next((x for x in seen if x in answered), h)
             item.hashes.append(h)
             if h in answered:
                 continue
-            item.to_send.append(Call(example_id, sample, messages, h, chars))
+            plain = twin if "response_format" in params else None
+            item.to_send.append(Call(example_id, sample, messages, h, chars, plain))
+            if plain in intents:
+                plan.has_intent.add(plain)
             if h in intents:
                 plan.has_intent.add(h)
                 status, batch = intents[h]
                 if status == "pending":
                     (plan.in_batch if batch in open_batches else plan.live_pending).add(h)
         plan.items.append(item)
+    plan.pii = redactor.summary()
     return plan
 
 
@@ -222,6 +306,7 @@ class Outcome:
     reason: str | None  # why it failed, after the retries
     attempts: int
     fatal: bool = False
+    refused_format: bool = False  # the endpoint refused the call's response_format (not billed)
 
 
 async def call_with_retries(backend: ChatBackend, call: Call, limiter: RateLimiter, backoff: Backoff,
@@ -229,6 +314,8 @@ async def call_with_retries(backend: ChatBackend, call: Call, limiter: RateLimit
     """Send one call until it is answered, fails for good, or runs out of retries. Every attempt
     carries the same Idempotency-Key, so a retry of a call the server did answer is not billed."""
     extra = {"idempotency_key": call.request_hash} if getattr(backend, "accepts_idempotency_key", False) else {}
+    if params.get("response_format") is not None:
+        extra["response_format"] = params["response_format"]
     for attempt in range(max_retries + 1):
         await limiter.acquire(est_tokens)
         try:
@@ -236,6 +323,8 @@ async def call_with_retries(backend: ChatBackend, call: Call, limiter: RateLimit
                                             temperature=params["temperature"], **extra)
         except BackendError as exc:
             limiter.settle(est_tokens, 0)
+            if "response_format" in extra and refuses_response_format(exc):
+                return Outcome(None, exc.message, attempt + 1, refused_format=True)
             if exc.status_code in FATAL_STATUS:
                 return Outcome(None, exc.message, attempt + 1, fatal=True)
             if not exc.retryable:
@@ -288,6 +377,12 @@ class LabelReport:
     failures: list[dict] = field(default_factory=list)  # {example_id, sample, reason}
     rejected: list[dict] = field(default_factory=list)  # {example_id, reason}
     batch: dict | None = None
+    # Structured output: None (the task has no response_format, or the backend takes none),
+    # "sent", or "refused: <why>; ..." (answers were asked for by plain prompting and parsed).
+    structured_output: str | None = None
+    # PII in the inputs this run took on: {"redacted": sent redacted?, "off_reason", "inputs_with_pii",
+    # "by_type": {type: findings}} (see curate/pii.py's Redactor).
+    pii: dict | None = None
     seconds: float = 0.0
     _decided: set = field(default_factory=set, repr=False)
 
@@ -297,6 +392,12 @@ class LabelReport:
         out["projected_usd"] = round(self.projected_usd, 6)
         out["seconds"] = round(self.seconds, 2)
         return out
+
+    def note_refusal(self, plan: Plan, reason: str) -> None:
+        """The endpoint refused response_format: say so once; every later call goes plain."""
+        if plan.refused is None:
+            plan.refused = reason
+        self.structured_output = f"refused: {plan.refused}; answers asked for by plain prompting and parsed"
 
     def flag(self, kinds: list[str]) -> None:
         for kind in kinds:
@@ -338,7 +439,8 @@ async def run_live(project, plan: Plan, backend: ChatBackend, report: LabelRepor
     missing = {item.example_id: {h for h in item.hashes if h not in plan.answered} for item in plan.items}
     items = {item.example_id: item for item in plan.items}
     state = {"done": 0, "started": 0}
-    first_est = call_cost(teacher, estimate.input_tokens(calls[0].chars), teacher.max_tokens) if calls else 0.0
+    max_tokens = plan.params["max_tokens"]
+    first_est = call_cost(teacher, estimate.input_tokens(calls[0].chars), max_tokens) if calls else 0.0
     outputs: dict[str, str] = {}  # this run's answers, by request hash, until their example is decided
     # Answers and decisions are committed in the background: a worker waits only for the intent of
     # its next call, and the writer commits in order, so that wait covers its earlier writes too.
@@ -375,16 +477,27 @@ async def run_live(project, plan: Plan, backend: ChatBackend, report: LabelRepor
             if report.stopped:
                 return
             est_in = estimate.input_tokens(call.chars)
-            est_cost = call_cost(teacher, est_in, teacher.max_tokens)
+            est_cost = call_cost(teacher, est_in, max_tokens)
             if not budget.reserve(est_cost):
                 report.stopped = (f"budget: the next call could cross --max-cost ${budget.limit:.4f} "
                                   f"(spent ${budget.spent:.4f}, ${budget.reserved:.4f} in flight)")
                 return
             state["started"] += 1
-            await writer.run(ledger.pending_op(call.example_id, call.sample, plan.model, call.request_hash,
-                                               new=call.request_hash not in plan.has_intent))
-            outcome = await call_with_retries(backend, call, limiter, backoff, cfg.max_retries, plan.params,
-                                              est_in + teacher.max_tokens)
+            if plan.refused and call.plain_hash:
+                plan.go_plain(call, missing)
+            while True:
+                await writer.run(ledger.pending_op(call.example_id, call.sample, plan.model, call.request_hash,
+                                                   new=call.request_hash not in plan.has_intent))
+                outcome = await call_with_retries(backend, call, limiter, backoff, cfg.max_retries,
+                                                  plan.call_params(call), est_in + max_tokens)
+                if not (outcome.refused_format and call.plain_hash):
+                    break
+                # Refused before anything was billed: the same question again, without the schema.
+                await writer.run(ledger.checked(partial(
+                    ledger.mark_failed, rhash=call.request_hash, attempts=outcome.attempts,
+                    reason=f"{REFUSED}{outcome.reason}; re-sent without response_format")))
+                report.note_refusal(plan, outcome.reason)
+                plan.go_plain(call, missing)
             report.retries += outcome.attempts - 1
             if outcome.completion is not None:
                 c = outcome.completion
@@ -393,14 +506,15 @@ async def run_live(project, plan: Plan, backend: ChatBackend, report: LabelRepor
                 writes.append((None, None, writer.submit(ledger.answer_op(
                     call.example_id, call.request_hash, model=c.model or plan.model, output=c.text,
                     input_tokens=c.input_tokens, output_tokens=c.output_tokens, cost_usd=cost,
-                    latency_ms=c.latency_ms, attempts=outcome.attempts))))
-                outputs[call.request_hash] = c.text
+                    latency_ms=c.latency_ms, attempts=outcome.attempts, role=plan.role))))
                 budget.settle(est_cost, cost)
                 report.calls_paid += 1
                 report.spent_usd += cost
                 missing[call.example_id].discard(call.request_hash)
-                if not missing[call.example_id]:
-                    await decide(call.example_id)
+                if plan.decide:
+                    outputs[call.request_hash] = c.text
+                    if not missing[call.example_id]:
+                        await decide(call.example_id)
             else:
                 budget.settle(est_cost, 0.0)
                 await writer.run(ledger.checked(partial(ledger.mark_failed, rhash=call.request_hash,
@@ -419,7 +533,7 @@ async def run_live(project, plan: Plan, backend: ChatBackend, report: LabelRepor
     try:
         # Examples whose answers are all on record (an earlier run, or a batch) need no call.
         for item in plan.items:
-            if not missing[item.example_id] and plan.only is None:
+            if not missing[item.example_id] and plan.only is None and plan.decide:
                 await decide(item.example_id)
         if progress is not None:
             progress(progress_of(report, 0, len(calls), first_est))
@@ -447,11 +561,14 @@ def _record_notes(project, plan: Plan, report: LabelReport) -> None:
 def label_examples(project, example_ids: list[int] | None = None, limit: int | None = None,
                    max_cost: float | None = None, batch: bool = False, wait: bool = True,
                    use_ray: bool = False, backend: ChatBackend | None = None,
-                   progress: Callable[[LabelProgress], None] | None = None) -> LabelReport:
+                   progress: Callable[[LabelProgress], None] | None = None, redact: bool = True) -> LabelReport:
     """Label every example without a teacher label (or those in `example_ids`, at most `limit`)
     with the configured teacher. `max_cost` (USD, default `labeling.max_cost_usd`) stops the run
     before this run's spend could cross it. `batch` uses the endpoint's batch API (`wait=False`:
-    submit and return; run again to collect); `use_ray` fans the calls out over Ray workers."""
+    submit and return; run again to collect); `use_ray` fans the calls out over Ray workers.
+    `redact=False` sends inputs without PII redaction (a teacher inside your own trust boundary)."""
+    from stillroom.curate.pii import Redactor
+
     started = time.perf_counter()
     cfg = project.config
     if backend is None and cfg.teacher.backend == "recorded":
@@ -461,13 +578,24 @@ def label_examples(project, example_ids: list[int] | None = None, limit: int | N
     if batch and use_ray:
         raise LabelingError("choose one of --batch (the provider's batch API) and --ray (fan-out over Ray)")
     limit_usd = max_cost if max_cost is not None else cfg.labeling.max_cost_usd
-    plan = make_plan(project, example_ids, limit)
+    if backend is not None:
+        structured = bool(getattr(backend, "supports_response_format", False))
+    else:  # batch files and Ray workers go to the configured backend
+        structured = cfg.teacher.backend in ("openai", "litellm")
+    redactor = Redactor.for_project(project, redact)
+    plan = make_plan(project, example_ids, limit, structured=structured, redactor=redactor)
+    redactor.record(project.store.engine)  # the copies that go out, before anything is sent
     mode = "batch" if batch else "ray" if use_ray else "live"
     report = LabelReport(mode, plan.model, examples=len(plan.items) + len(plan.rejected),
                          calls_total=sum(len(i.hashes) for i in plan.items), calls_cached=plan.cached_calls,
-                         resumed_in_flight=len(plan.live_pending), rejected=plan.rejected, max_cost_usd=limit_usd)
+                         resumed_in_flight=len(plan.live_pending), rejected=plan.rejected, max_cost_usd=limit_usd,
+                         pii=plan.pii)
     if not batch:
         report.waiting_on_batch = len(plan.in_batch)
+    if plan.refused:
+        report.note_refusal(plan, plan.refused)
+    elif plan.response_format is not None:
+        report.structured_output = "sent"
     _record_notes(project, plan, report)
     budget = Budget(limit_usd)
     if batch:

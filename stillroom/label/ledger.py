@@ -204,22 +204,22 @@ def pending_op(example_id: int, sample: int, model: str, rhash: str, new: bool) 
 
 def record_answer(conn: Connection, example_id: int, rhash: str, *, model: str, output: str,
                   input_tokens: int, output_tokens: int, cost_usd: float, latency_ms: float | None,
-                  attempts: int) -> int:
+                  attempts: int, role: str = "teacher") -> int:
     """A returned call: the response (once per request hash) and its intent marked done."""
     response_id, _ = add_response(
-        conn, example_id, rhash, role="teacher", model=model, origin="live", output=output,
+        conn, example_id, rhash, role=role, model=model, origin="live", output=output,
         input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd, latency_ms=latency_ms)
     conn.execute(MARK_DONE, {"rh": rhash, "n": attempts, "at": now()})
     return response_id
 
 
 def answer_op(example_id: int, rhash: str, *, model: str, output: str, input_tokens: int, output_tokens: int,
-              cost_usd: float, latency_ms: float | None, attempts: int) -> Op:
+              cost_usd: float, latency_ms: float | None, attempts: int, role: str = "teacher") -> Op:
     stamp = now()
     fields = dict(model=model, output=output, input_tokens=input_tokens, output_tokens=output_tokens,
                   cost_usd=cost_usd, latency_ms=latency_ms)
-    return Op(partial(record_answer, example_id=example_id, rhash=rhash, attempts=attempts, **fields), [
-        (INSERT_RESPONSE, {"example_id": example_id, "request_hash": rhash, "role": "teacher", "origin": "live",
+    return Op(partial(record_answer, example_id=example_id, rhash=rhash, attempts=attempts, role=role, **fields), [
+        (INSERT_RESPONSE, {"example_id": example_id, "request_hash": rhash, "role": role, "origin": "live",
                            "created_at": stamp, **fields}),
         (MARK_DONE, {"rh": rhash, "n": attempts, "at": stamp}),
     ])
@@ -288,7 +288,7 @@ def decision_op(example_id: int, model: str, consensus: Consensus, votes: list[V
 def vote(task, answers: list[tuple[str, str]], min_agreement: float) -> tuple[Consensus, list[Vote]]:
     """Parse (request hash, output) answers with the task and take the majority."""
     votes = parse_votes(task, answers)
-    return decide(votes, min_agreement), votes
+    return decide(votes, min_agreement, task), votes
 
 
 def finish_example(conn: Connection, task, example_id: int, hashes: list[str], model: str,

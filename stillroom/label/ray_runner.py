@@ -18,6 +18,7 @@ from stillroom.label import ledger
 from stillroom.label.engine import (
     Budget,
     Call,
+    REFUSED,
     LabelingError,
     LabelReport,
     Plan,
@@ -31,8 +32,10 @@ from stillroom.label.ratelimit import Backoff, RateLimiter
 __all__ = ["run_ray"]
 
 
-def label_chunk(teacher: dict, labeling: dict, params: dict, calls: list[dict]) -> list[dict]:
-    """Runs inside a Ray worker: answer a chunk of calls; returns one plain dict per call."""
+def label_chunk(teacher: dict, labeling: dict, params: dict, calls: list[dict],
+                plain_params: dict | None = None) -> list[dict]:
+    """Runs inside a Ray worker: answer a chunk of calls; returns one plain dict per call. A call
+    whose endpoint refuses its response_format is sent again at once without it (`plain_hash`)."""
     from stillroom.backends.registry import teacher_backend
     from stillroom.config import LabelingConfig, TeacherConfig
 
@@ -46,11 +49,19 @@ def label_chunk(teacher: dict, labeling: dict, params: dict, calls: list[dict]) 
 
         async def one(c: dict) -> dict:
             call = Call(c["example_id"], c["sample"], c["messages"], c["request_hash"], c["chars"])
+            refused = None
             async with gate:
-                out = await call_with_retries(backend, call, limiter, backoff, cfg.max_retries, params,
+                out = await call_with_retries(backend, call, limiter, backoff, cfg.max_retries,
+                                              params if c.get("plain_hash") else (plain_params or params),
                                               c["est_tokens"])
+                if out.refused_format and c.get("plain_hash"):
+                    refused = out.reason
+                    call = Call(c["example_id"], c["sample"], c["messages"], c["plain_hash"], c["chars"])
+                    out = await call_with_retries(backend, call, limiter, backoff, cfg.max_retries,
+                                                  plain_params or params, c["est_tokens"])
             done = out.completion
-            return {"request_hash": call.request_hash, "attempts": out.attempts, "reason": out.reason,
+            return {"request_hash": c["request_hash"], "answered_as": call.request_hash, "refused": refused,
+                    "attempts": out.attempts, "reason": out.reason,
                     "fatal": out.fatal, "text": done and done.text, "model": done and done.model,
                     "input_tokens": done and done.input_tokens, "output_tokens": done and done.output_tokens,
                     "latency_ms": done and done.latency_ms}
@@ -97,6 +108,7 @@ def run_ray(project, plan: Plan, report: LabelReport, budget: Budget, progress=N
     position = 0
 
     outputs: dict[str, str] = {}
+    by_hash: dict = {}  # request hash -> Call, to re-identify a call whose response_format was refused
     writes: list = []  # (example id or None, consensus or None, future): a chunk's writes, waited together
 
     def decide(example_id: int) -> None:
@@ -124,14 +136,17 @@ def run_ray(project, plan: Plan, report: LabelReport, budget: Budget, progress=N
         while len(in_flight) < workers and position < len(calls) and not report.stopped:
             chunk, reserved = [], {}
             for call in calls[position:position + chunk_size]:
+                if plan.refused and call.plain_hash:
+                    plan.go_plain(call, missing)
                 est_in = estimate.input_tokens(call.chars)
                 cost = call_cost(teacher, est_in, teacher.max_tokens)
                 if not budget.reserve(cost):
                     report.stopped = (f"budget: the next call could cross --max-cost ${budget.limit:.4f} "
                                       f"(spent ${budget.spent:.4f}, ${budget.reserved:.4f} in flight)")
                     break
+                by_hash[call.request_hash] = call
                 chunk.append({"example_id": call.example_id, "sample": call.sample, "messages": call.messages,
-                              "request_hash": call.request_hash, "chars": call.chars,
+                              "request_hash": call.request_hash, "plain_hash": call.plain_hash, "chars": call.chars,
                               "est_tokens": est_in + teacher.max_tokens})
                 reserved[call.request_hash] = cost
             if not chunk:
@@ -142,7 +157,7 @@ def run_ray(project, plan: Plan, report: LabelReport, budget: Budget, progress=N
                                                        new=c["request_hash"] not in plan.has_intent)) for c in chunk]
             for f in futures:  # intents are durable before any worker sees the calls
                 f.result()
-            ref = remote.remote(teacher_dict, share, plan.params, chunk)
+            ref = remote.remote(teacher_dict, share, plan.params, chunk, plan.plain_params)
             in_flight[ref] = (chunk, reserved)
 
     try:
@@ -156,9 +171,17 @@ def run_ray(project, plan: Plan, report: LabelReport, budget: Budget, progress=N
                 reason = f"Ray task failed: {type(exc).__name__}: {exc}"
                 results = [{"request_hash": c["request_hash"], "reason": reason, "attempts": 0, "fatal": False,
                             "text": None} for c in chunk]
-            by_hash = {c["request_hash"]: c for c in chunk}
+            chunk_by_hash = {c["request_hash"]: c for c in chunk}
             for r in results:
-                c, h = by_hash[r["request_hash"]], r["request_hash"]
+                c, h = chunk_by_hash[r["request_hash"]], r["request_hash"]
+                if r.get("refused"):  # answered without response_format, under its plain identity
+                    writes.append((None, None, writer.submit(ledger.checked(partial(
+                        ledger.mark_failed, rhash=h, attempts=1,
+                        reason=f"{REFUSED}{r['refused']}; re-sent without response_format")))))
+                    report.note_refusal(plan, r["refused"])
+                    plan.go_plain(by_hash[h], missing)
+                    reserved[r["answered_as"]] = reserved[h]
+                    h = r["answered_as"]
                 report.retries += max(0, r["attempts"] - 1)
                 done += 1
                 if r["text"] is not None:

@@ -140,3 +140,47 @@ def slice_gaps_png(slices: list[dict], allowed: float, slice_limit: float, min_e
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     return _png(fig)
+
+
+def field_scores_png(per_field: dict, title: str = "Per-field precision / recall / F1 (vs teacher)") -> bytes:
+    """Grouped horizontal bars per extracted field: precision, recall and F1, with each field's support."""
+    plt = _pyplot()
+    names = list(per_field)[::-1]
+    fig, ax = plt.subplots(figsize=(7.2, max(2.4, 0.55 * len(names) + 1.2)))
+    height = 0.26
+    for k, (metric, color) in enumerate((("precision", STUDENT_COLOR), ("recall", ACCENT_COLOR), ("f1", TEACHER_COLOR))):
+        values = [per_field[n][metric] if per_field[n][metric] is not None else 0.0 for n in names]
+        ax.barh([i + (k - 1) * height for i in range(len(names))], values, height=height, color=color,
+                label=metric if metric != "f1" else "F1")
+    for i, n in enumerate(names):
+        ax.text(1.01, i, f"n={per_field[n]['support']}", va="center", fontsize=7, color="#444")
+    ax.set_yticks(range(len(names)), [n[:40] for n in names], fontsize=8)
+    ax.set_xlim(0, 1.12)
+    ax.set_xlabel("share of (field, value) pairs (n = pairs in the teacher's records)")
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)
+
+
+def lengths_png(length: dict, title: str = "Answer length in words (eval split)") -> bytes:
+    """Histogram of answer lengths, student vs teacher, over the fixed word-count buckets."""
+    plt = _pyplot()
+    edges = length["edges"]
+    labels = [f"{a}-{b - 1}" for a, b in zip(edges, edges[1:])] + [f"{edges[-1]}+"]
+    used = [k for k in range(len(labels)) if length["prediction_histogram"][k] or length["reference_histogram"][k]]
+    used = list(range(min(used), max(used) + 1)) if used else list(range(len(labels)))
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    xs = list(range(len(used)))
+    ax.bar([x - 0.2 for x in xs], [length["reference_histogram"][k] for k in used], width=0.4,
+           color=TEACHER_COLOR, alpha=0.8, label="teacher")
+    ax.bar([x + 0.2 for x in xs], [length["prediction_histogram"][k] for k in used], width=0.4,
+           color=STUDENT_COLOR, alpha=0.8, label="student")
+    ax.set_xticks(xs, [labels[k] for k in used], rotation=30, ha="right", fontsize=8)
+    ax.set_xlabel("words")
+    ax.set_ylabel("answers")
+    ratio = length.get("ratio")
+    ax.set_title(title + (f"\nstudent/teacher mean length {ratio:.2f}" if ratio is not None else ""), fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    return _png(fig)

@@ -25,8 +25,9 @@ from stillroom.store.records import counts, latest_run
 TEMPLATES = Path(__file__).parent / "templates"
 MAX_ERRORS_SHOWN = 10
 MAX_INPUT_SHOWN = 300
-PLOTS = ("confusion", "coverage", "reliability", "slices", "cost")
+PLOTS = ("confusion", "fields", "lengths", "coverage", "reliability", "slices", "cost")
 WORST_SLICES_SHOWN = 8
+WORST_EXAMPLES_SHOWN = 10
 
 
 # ---- formatting, shared by the Markdown writer and the template --------------------------------
@@ -72,6 +73,22 @@ def code_spans(text):
         return escape(text)
     return Markup("".join(str(escape(p)) if i % 2 == 0 else f"<code>{escape(p)}</code>"
                           for i, p in enumerate(parts)))
+
+
+def human_score(ev: dict, who: str):
+    """Student or teacher quality on the human-labelled examples (older records: accuracy only)."""
+    h = ev["vs_human"]
+    return h.get(f"{who}_score", h.get(f"{who}_accuracy"))
+
+
+def type_columns(ev: dict) -> list[tuple[str, str]]:
+    """(header, vs_teacher key) of the aggregate metrics a task type shows beside the agreement."""
+    kind = ev.get("task_type", "classification")
+    if kind == "extraction":
+        return [("field F1 (vs teacher)", "field_f1"), ("exact match", "exact_match"), ("schema-valid", "validity")]
+    if kind == "generation":
+        return [("ROUGE-L", "rouge_l"), ("BLEU", "bleu"), ("chrF", "chrf")]
+    return [("macro-F1 (vs teacher)", "macro_f1"), ("micro-F1 (vs teacher)", "micro_f1")]
 
 
 def _md_cell(text) -> str:
@@ -186,9 +203,17 @@ def _details(project: Project, chosen: dict | None) -> dict | None:
     cfg = project.config.gate
     worst = sorted(slices["slices"], key=lambda s: (not s["gated"], -s["gap_points"], -s["n"]))
     shadow = latest_evaluation(project, chosen["name"], kind="shadow")
+    kind = ev.get("task_type", "classification")
+    row_keys = {"classification": [("accuracy", "accuracy"), ("macro-F1", "macro_f1"), ("micro-F1", "micro_f1")],
+                "extraction": [(f"score ({ev.get('metric')})", "score"), ("field P", "field_precision"),
+                               ("field R", "field_recall"), ("field F1", "field_f1"), ("exact match", "exact_match"),
+                               ("schema-valid", "validity")],
+                "generation": [(f"score ({ev.get('metric')})", "score"), ("ROUGE-L", "rouge_l"), ("BLEU", "bleu"),
+                               ("chrF", "chrf"), ("valid", "validity")]}[kind]
     return {
         "outdated": False,
         "reference": reference,
+        "row_keys": row_keys,
         "three_way": ev["three_way"],
         "gaps": [g for g in (ev["gap"].get("teacher"), ev["gap"].get("human")) if g],
         "calibration": ev.get("confidence_calibration"),
@@ -205,6 +230,15 @@ def _details(project: Project, chosen: dict | None) -> dict | None:
                                                             key=lambda s: (not s["gated"], -s["gap_points"]))[:5]],
         },
     }
+
+
+def _judge_view(judge: dict | None) -> dict | None:
+    if judge is None:
+        return None
+    keep = ("student", "run_id", "lock_id", "stale", "lock_status", "judge", "calls", "n_items", "n_scored",
+            "outcomes", "win_rate", "strict_win_rate", "position_consistency", "position_a_share", "rubric",
+            "human_agreement", "prompts", "judge_models", "evaluation_id")
+    return {k: judge.get(k) for k in keep}
 
 
 def gather(project: Project) -> dict:
@@ -230,10 +264,15 @@ def gather(project: Project) -> dict:
             econ_note = f"cannot be computed: {exc}"
 
     errors = []
+    n_errors = 0
     if ev:
-        errors = [dict(e, input=clip(e["input"])) for e in ev.get("errors", [])[:MAX_ERRORS_SHOWN]]
-        confusion = ev["vs_teacher"]["confusion"]
-        n_errors = ev["vs_teacher"]["n"] - sum(confusion[i][i] for i in range(len(confusion)))
+        errors = [dict(e, input=clip(e["input"]), teacher=clip(e["teacher"]), student=clip(e["student"]))
+                  for e in ev.get("errors", [])[:MAX_ERRORS_SHOWN]]
+        n_errors = ev.get("n_disagreements")
+        if n_errors is None:  # recorded before the count was kept: classification, from the confusion matrix
+            confusion = ev["vs_teacher"]["confusion"]
+            n_errors = ev["vs_teacher"]["n"] - sum(confusion[i][i] for i in range(len(confusion)))
+    judge = latest_evaluation(project, chosen["name"], kind="judge") if chosen else None
     return {
         "task": cfg.task.name,
         "generated_at": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -247,7 +286,11 @@ def gather(project: Project) -> dict:
         "economics": econ,
         "economics_note": econ_note,
         "errors": errors,
-        "n_errors": n_errors if ev else 0,
+        "n_errors": n_errors,
+        "task_type": cfg.task.type,
+        "metric": (ev.get("metric") if ev else None) or cfg.task.gate_metric,
+        "columns": type_columns(ev or {"task_type": cfg.task.type}),
+        "judge": _judge_view(judge),
         "missing": missing,
         "verdict": _verdict(chosen, econ, missing),
         "details": _details(project, chosen),
@@ -260,6 +303,19 @@ def gather(project: Project) -> dict:
     }
 
 
+def _type_metrics(e: dict) -> dict:
+    """The task type's aggregate metrics vs the teacher, without the per-class/confusion bulk."""
+    vt = e["vs_teacher"]
+    kind = e.get("task_type", "classification")
+    if kind == "extraction":
+        keys = ("field_precision", "field_recall", "field_f1", "per_field", "exact_match", "validity", "n_invalid")
+    elif kind == "generation":
+        keys = ("rouge_l", "bleu", "chrf", "length", "validity", "n_invalid")
+    else:
+        keys = ("accuracy", "macro_f1", "micro_f1")
+    return {"task_type": kind, "metric": e.get("metric") or "accuracy", **{k: vt.get(k) for k in keys}}
+
+
 def _summary(ctx: dict) -> dict:
     ev = ctx["evaluation"]
     d = ctx["details"] if ctx["details"] and not ctx["details"]["outdated"] else None
@@ -270,12 +326,16 @@ def _summary(ctx: dict) -> dict:
             "name": r["name"], "kind": r["kind"], "status": r["status"], "stale": r["stale"],
             "stale_reason": r["stale_reason"], "lock_id": e["lock_id"] if e else None,
             "agreement": e["agreement"] if e else None,
-            "macro_f1": e["vs_teacher"]["macro_f1"] if e else None,
+            "metric": (e.get("metric") or "accuracy") if e else None,
+            "macro_f1": e["vs_teacher"].get("macro_f1") if e else None,
             "micro_f1": e["vs_teacher"].get("micro_f1") if e else None,
+            "metrics": _type_metrics(e) if e else None,
             "three_way": e.get("three_way") if e else None,
             "gap": e.get("gap") if e else None,
             "ece": (e.get("confidence_calibration") or {}).get("ece") if e else None,
-            "vs_human": ({k: e["vs_human"][k] for k in ("n", "student_accuracy", "teacher_accuracy")}
+            "vs_human": ({"n": e["vs_human"]["n"], "student_accuracy": e["vs_human"].get("student_accuracy"),
+                          "teacher_accuracy": e["vs_human"].get("teacher_accuracy"),
+                          "student_score": human_score(e, "student"), "teacher_score": human_score(e, "teacher")}
                          if e else None),
             "gate": r["gate"], "gate_error": r["gate_error"],
         })
@@ -295,6 +355,8 @@ def _summary(ctx: dict) -> dict:
                    if d else None),
         "calibration": d["calibration"] if d else None,
         "shadow": d["shadow"] if d else None,
+        "judge": ctx["judge"],
+        "task_type": ctx["task_type"],
         "missing_stages": ctx["missing"],
     }
 
@@ -313,8 +375,15 @@ def _plots(ctx: dict) -> tuple[dict[str, bytes], str | None]:
     try:
         out = {}
         if ev:
-            out["confusion"] = plots.confusion_png(ev["vs_teacher"]["confusion"], ev["vs_teacher"]["labels"],
-                                                   f"'{ev['student']}' vs teacher (eval split)")
+            kind = ev.get("task_type", "classification")
+            vt = ev["vs_teacher"]
+            if kind == "classification":
+                out["confusion"] = plots.confusion_png(vt["confusion"], vt["labels"],
+                                                       f"'{ev['student']}' vs teacher (eval split)")
+            elif kind == "extraction" and vt.get("per_field"):
+                out["fields"] = plots.field_scores_png(vt["per_field"])
+            elif kind == "generation" and vt.get("length"):
+                out["lengths"] = plots.lengths_png(vt["length"])
             out["coverage"] = plots.coverage_png(ev["coverage_curve"], ev["calibration"]["threshold"],
                                                  ev["calibration"]["target"])
             d = ctx["details"]
@@ -374,16 +443,17 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
 
     L += ["## Students on the locked eval set", ""]
     rows = []
+    columns = ctx["columns"]
     for r in ctx["students"]:
         e = r["evaluation"]
         if e is None:
-            rows.append([r["name"], r["kind"], r["status"], "", "", "", "", ""])
+            rows.append([r["name"], r["kind"], r["status"], *[""] * (len(columns) + 4)])
             continue
-        h = e["vs_human"]
         rows.append([r["name"] + (" (stale)" if r["stale"] else ""), r["kind"], pct(e["agreement"]),
-                     pct(e["vs_teacher"]["macro_f1"]), pct(e["vs_teacher"].get("micro_f1")),
-                     pct(h["student_accuracy"]), pct(h["teacher_accuracy"]), h["n"], _md_cell(_gate_text(r))])
-    L += _table(["student", "kind", "agreement with teacher", "macro-F1 (vs teacher)", "micro-F1 (vs teacher)",
+                     *[pct(e["vs_teacher"].get(key)) for _, key in columns],
+                     pct(human_score(e, "student")), pct(human_score(e, "teacher")), e["vs_human"]["n"],
+                     _md_cell(_gate_text(r))])
+    L += _table(["student", "kind", f"agreement with teacher ({ctx['metric']})", *[h for h, _ in columns],
                  "student vs human", "teacher vs human", "n human", "gate"], rows)
     for r in ctx["students"]:
         if r["stale"]:
@@ -397,7 +467,9 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
         L += [f"Chosen student: **{_md_cell(ctx['chosen']['name'])}** ({ctx['chosen_reason']}).", ""]
     if ctx["details"]:
         L += _md_details(ctx, plot_files)
-    if ev:
+    if ev and ev.get("task_type", "classification") != "classification":
+        L += _md_type_results(ev, plot_files)
+    if ev and ev.get("task_type", "classification") == "classification":
         vt = ev["vs_teacher"]
         L += [f"## Per-class results: {_md_cell(ev['student'])} vs teacher", ""]
         L += _table(["label", "precision", "recall", "F1", "support"], [
@@ -408,7 +480,9 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
                     [[_md_cell(label), *row] for label, row in zip(vt["labels"], vt["confusion"])])
         if "confusion" in plot_files:
             L += [f"![confusion matrix]({plot_files['confusion']})", ""]
-
+    if ctx["judge"]:
+        L += _md_judge(ctx["judge"])
+    if ev:
         cal, at = ev["calibration"], ev["at_threshold"]
         L += ["## Routing", ""]
         serves_nothing = " (no threshold meets the target: the student serves nothing)" if cal["threshold"] > 1 else ""
@@ -447,16 +521,74 @@ def _markdown(ctx: dict, plot_files: dict[str, str], plot_note: str | None) -> s
         L += [f"Economics {ctx['economics_note']}.", ""]
 
     if ev:
-        L += [f"## Sample of eval errors ({len(ctx['errors'])} of {ctx['n_errors']})", ""]
+        graded = ev.get("task_type", "classification") != "classification"
+        title = "Worst eval examples" if graded else "Sample of eval errors"
+        L += [f"## {title} ({len(ctx['errors'])} of {ctx['n_errors']} disagreements)"
+              if graded else f"## {title} ({len(ctx['errors'])} of {ctx['n_errors']})", ""]
         if ctx["errors"]:
-            L += _table(["input", "teacher", "student", "confidence", "human"], [
-                [_md_cell(e["input"]), _md_cell(e["teacher"]), _md_cell(e["student"]), f"{e['confidence']:.3f}",
+            L += _table(["input", "teacher", "student", *(["score"] if graded else []), "confidence", "human"], [
+                [_md_cell(e["input"]), _md_cell(e["teacher"]), _md_cell(e["student"]),
+                 *([num(e.get("score"), 3)] if graded else []), f"{e['confidence']:.3f}",
                  _md_cell(e["human"]) if e.get("human") else ""] for e in ctx["errors"]])
         else:
             L += ["The student agrees with the teacher on every eval example.", ""]
     if plot_note:
         L += [f"_{plot_note}_", ""]
     return "\n".join(L)
+
+
+def _md_type_results(ev: dict, plot_files: dict[str, str]) -> list[str]:
+    vt = ev["vs_teacher"]
+    if ev["task_type"] == "extraction":
+        L = [f"## Per-field results: {_md_cell(ev['student'])} vs teacher", "",
+             f"Field-level (micro over (field, value) pairs): precision {pct(vt['field_precision'])}, recall "
+             f"{pct(vt['field_recall'])}, F1 {pct(vt['field_f1'])}; exact match per record {pct(vt['exact_match'])}; "
+             f"schema-valid answers {pct(vt['validity'])} ({vt['n_invalid']} of {vt['n']} fail the schema and score 0).", ""]
+        L += _table(["field", "precision", "recall", "F1", "support"], [
+            [_md_cell(name), pct(m["precision"]), pct(m["recall"]), pct(m["f1"]), m["support"]]
+            for name, m in vt["per_field"].items()])
+        if "fields" in plot_files:
+            L += [f"![per-field scores]({plot_files['fields']})", ""]
+        return L
+    ln = vt["length"]
+    L = [f"## Text metrics: {_md_cell(ev['student'])} vs teacher", ""]
+    L += _table(["metric", "value"], [
+        ["ROUGE-L F1 (mean)", num(vt["rouge_l"], 3)], ["BLEU (corpus, 0-1)", num(vt["bleu"], 3)],
+        ["chrF (corpus, 0-1)", num(vt["chrf"], 3)],
+        ["valid answers", f"{pct(vt['validity'])} ({vt['n_invalid']} rejected: empty or too long)"]])
+    L += _table(["length (words)", "mean", "p50", "p95"], [
+        [who, num(ln[key]["mean"], 1), num(ln[key]["p50"], 1), num(ln[key]["p95"], 1)]
+        for who, key in (("student", "prediction"), ("teacher", "reference"))])
+    L += [f"Student/teacher mean length ratio: {num(ln['ratio'], 2)}.", ""]
+    if "lengths" in plot_files:
+        L += [f"![answer lengths]({plot_files['lengths']})", ""]
+    return L
+
+
+def _win(ci: dict | None) -> str:
+    if not ci or ci.get("estimate") is None:
+        return "—"
+    return f"{pct(ci['estimate'])} ({ci['confidence']:.0%} CI {pct(ci['low'])} to {pct(ci['high'])})"
+
+
+def _md_judge(j: dict) -> list[str]:
+    o = j["outcomes"]
+    ha = j["human_agreement"]
+    L = [f"## LLM judge: {_md_cell(j['student'])} vs teacher" + (" (stale)" if j.get("stale") else ""), "",
+         f"Judge {_md_cell(j['judge']['model'])} on {j['n_items']} locked eval examples, each judged in both "
+         f"orders: win rate (student at or above the teacher) **{_win(j['win_rate'])}**; strict wins "
+         f"{pct(j['strict_win_rate'])}; position consistency {pct(j['position_consistency'])}.", ""]
+    L += _table(["student wins", "ties", "teacher wins", "missing (unreadable verdicts)"],
+                [[o["student"], o["tie"], o["teacher"], o["missing"]]])
+    rb = j["rubric"]
+    L += _table(["rubric (1-5)", "mean", "95% CI", "missing"], [
+        [who, num(rb[who]["estimate"]), f"{num(rb[who]['low'])} to {num(rb[who]['high'])}", rb[who]["missing"]]
+        for who in ("student", "teacher") if who in rb])
+    L += [("Judge-human agreement: " + f"{pct(ha['agreement'])} on {ha['n']} examples, Cohen's kappa "
+           f"{num(ha['cohen_kappa'])}.") if ha["n"] else f"Judge-human agreement: {ha['message']}.",
+          "Prompts: " + ", ".join(f"{p['name']} v{p['version']} (`{p['sha256'][:12]}`)" for p in j["prompts"])
+          + f"; calls sent {j['calls']['sent']}, answered from the record {j['calls']['cached']}.", ""]
+    return L
 
 
 def _ci(g: dict | None) -> str:
@@ -472,8 +604,9 @@ def _md_details(ctx: dict, plot_files: dict[str, str]) -> list[str]:
                 f"re-run `stillroom eval {ev['student']}` to see them._", ""]
     L = [f"## Three-way comparison: {_md_cell(ev['student'])}", ""]
     tw = d["three_way"]
-    L += _table(["comparison", "n", "accuracy", "macro-F1", "micro-F1"], [
-        [name, tw[key]["n"], pct(tw[key]["accuracy"]), pct(tw[key]["macro_f1"]), pct(tw[key]["micro_f1"])]
+    row_keys = d["row_keys"]
+    L += _table(["comparison", "n", *[h for h, _ in row_keys]], [
+        [name, tw[key]["n"], *[pct(tw[key].get(k)) for _, k in row_keys]]
         for name, key in (("student vs teacher (agreement)", "student_vs_teacher"),
                           ("student vs human", "student_vs_human"), ("teacher vs human", "teacher_vs_human"))])
     if tw.get("message"):
@@ -537,7 +670,7 @@ def _html(ctx: dict, plots: dict[str, bytes], plot_note: str | None) -> str:
     env.filters.update(pct=pct, money=money, num=num, payback=payback, clip=clip, code=code_spans)
     images = {name: base64.b64encode(png).decode("ascii") for name, png in plots.items()}
     return env.get_template("report.html.j2").render(
-        **ctx, images=images, plot_note=plot_note,
+        **ctx, images=images, plot_note=plot_note, human_score=human_score,
         assumptions=_assumptions(ctx["economics"]) if ctx["economics"] else "",
     )
 

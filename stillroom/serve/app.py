@@ -1,10 +1,21 @@
 """The OpenAI-compatible gateway: the student answers when it is confident, the teacher otherwise.
 
-Routing rule, per request: the student predicts a label for the last user message; if its
-confidence reaches the threshold calibrated by `stillroom eval` (the lowest confidence at which it
-agreed with the teacher at least `routing.target_agreement` of the time), the label is the answer;
-otherwise the request goes to the live teacher. Asking for the teacher's model name skips the
-student. Every request, failed ones included, is one row of `routed_requests`.
+Routing rule, per request: the student answers the last user message (a label, an extraction
+record, a text); if its confidence reaches the threshold calibrated by `stillroom eval` (the lowest
+confidence at which it agreed with the teacher at least `routing.target_agreement` of the time),
+and its answer is valid for the task (`task.parse`: the schema, the length limit), the answer is
+the reply; otherwise the request goes to the live teacher, with the task's `response_format`
+(extraction's JSON schema) where the teacher takes one. Asking for the teacher's model name skips
+the student. Every request, failed ones included, is one row of `routed_requests`.
+
+PII: the client sent its text to this service on purpose, so the teacher fallback forwards it as
+it came; `curation.pii.redact_live: true` redacts every text of the fallback request (the
+`curation.pii.input` types, `[EMAIL]`, `[CARD]`, ...) before it goes to the teacher. The student
+always reads the original, and the log keeps it (it stays on this machine).
+
+A request's own `response_format` is honoured: `json_object` / `json_schema` are answered by an
+extraction student only when its record fits (a `json_schema` other than the task's is checked
+against that schema); anything else goes to the teacher with the request's `response_format`.
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from sqlalchemy import insert
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from stillroom.backends.base import BackendError, ChatBackend
+from stillroom.backends.base import BackendError, ChatBackend, refuses_response_format
 from stillroom.evaluate.evaluator import deployed_evaluation, deployed_model_path
 from stillroom.evaluate.gate import decide
 from stillroom.project import Project, ProjectError
@@ -65,6 +76,7 @@ class ChatRequest:
     temperature: float | None
     stream: bool
     include_usage: bool
+    response_format: dict | None = None  # json_object / json_schema as the client sent it; None: text
 
 
 @dataclass
@@ -77,6 +89,7 @@ class Outcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     log: dict = field(default_factory=dict)
+    pii_redacted: int | None = None  # PII findings replaced in the teacher request (redact_live), else None
 
 
 # ---- the request -----------------------------------------------------------------------------
@@ -149,7 +162,25 @@ def parse_request(body) -> ChatRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", param="stream_options")
-    return ChatRequest(model, messages, text, max_tokens, temperature, stream, bool(options.get("include_usage")))
+    return ChatRequest(model, messages, text, max_tokens, temperature, stream, bool(options.get("include_usage")),
+                       _response_format(body.get("response_format")))
+
+
+def _response_format(value) -> dict | None:
+    """The request's response_format, checked: None for absent or `text`."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get("type") not in ("text", "json_object", "json_schema"):
+        raise ApiError(400, "'response_format' must be an object with type 'text', 'json_object' or 'json_schema'",
+                       param="response_format")
+    if value["type"] == "text":
+        return None
+    if value["type"] == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise ApiError(400, "'response_format.json_schema' must be an object with a 'schema' object",
+                           param="response_format")
+    return value
 
 
 # ---- which student, which threshold ----------------------------------------------------------
@@ -233,9 +264,30 @@ def _usage(prompt: int, completion: int) -> dict:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def create_app(project: Project, student: str | None = None, teacher: ChatBackend | None = None) -> FastAPI:
-    """The gateway for a project: loads the student and threshold now, so problems show at startup."""
-    routing = load_routing(project, student)
+def _fits(record: str, response_format: dict, task_schema: dict | None) -> bool:
+    """Whether a canonical JSON record satisfies a request's json_object / json_schema."""
+    if response_format["type"] == "json_object":
+        return True
+    schema = (response_format.get("json_schema") or {}).get("schema")
+    if not schema or schema == task_schema:
+        return True  # the task's schema: task.parse has checked it already
+    import jsonschema
+
+    try:
+        jsonschema.validate(json.loads(record), schema)
+    except (jsonschema.ValidationError, jsonschema.SchemaError):
+        return False
+    return True
+
+
+def create_app(project: Project, student: str | None = None, teacher: ChatBackend | None = None,
+               routing: Routing | None = None) -> FastAPI:
+    """The gateway for a project: loads the student and threshold now, so problems show at startup.
+    `routing` serves a given student and threshold instead of the project's trained one."""
+    from stillroom.tasks.base import ParseError
+
+    if routing is None:
+        routing = load_routing(project, student)
     owns_teacher = teacher is None
     if teacher is None:
         from stillroom.backends.registry import teacher_backend
@@ -246,6 +298,10 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
     routed_model = task.name
     teacher_model = cfg.teacher.model
     gateway_key = os.environ.get(GATEWAY_KEY_ENV) or None
+    # The teacher gets the task's structured output where it takes one, until it refuses it once.
+    structured = {"on": bool(getattr(teacher, "supports_response_format", False)), "refused": None}
+    pii = cfg.curation.pii
+    redact_live = pii.enabled and pii.redact_live
     predict_lock = asyncio.Lock()  # one prediction at a time: CPU-bound, and students need not be thread-safe
 
     @contextlib.asynccontextmanager
@@ -288,7 +344,11 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
     @app.get("/health")
     async def health():
         return {"status": "ok", "student": routing.student_name, "threshold": routing.threshold,
-                "teacher": teacher_model, "gate_passed": routing.gate_passed, "stale": routing.stale}
+                "teacher": teacher_model, "gate_passed": routing.gate_passed, "stale": routing.stale,
+                "task_type": task.type, "structured_output": (
+                    None if task.response_format() is None else
+                    "refused: " + structured["refused"] if structured["refused"] else
+                    "sent" if structured["on"] else "not supported by the teacher backend")}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -303,18 +363,46 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
         ]}
 
     async def teacher_answer(req: ChatRequest, out: Outcome) -> None:
+        redactor = None
+        if redact_live:
+            from stillroom.curate.pii import Redactor
+
+            redactor = Redactor(pii)
         if any(m["role"] in SYSTEM_ROLES for m in req.messages):
             messages = req.messages  # the client already speaks to the teacher with its own prompt
-        else:
-            messages = [{"role": "user", "content": task.teacher_prompt(req.input)}]
+            if redactor is not None:
+                messages = redactor.messages(messages)
+        else:  # the input redacted as `stillroom label` sends it, inside the task's prompt
+            messages = [{"role": "user", "content": task.teacher_prompt(redactor(req.input) if redactor else req.input)}]
+        if redactor is not None:
+            out.pii_redacted = sum(redactor.findings.values())
+        response_format = req.response_format or task.response_format()
+        extra = {"response_format": response_format} if response_format and structured["on"] else {}
         try:
-            completion = await teacher.chat(messages, max_tokens=req.max_tokens or cfg.teacher.max_tokens,
-                                            temperature=req.temperature)
+            try:
+                completion = await teacher.chat(messages, max_tokens=req.max_tokens or cfg.teacher.max_tokens,
+                                                temperature=req.temperature, **extra)
+            except BackendError as exc:
+                if not (extra and refuses_response_format(exc)):
+                    raise
+                # Not billed: ask again by plain prompting, and stop sending it from now on.
+                structured.update(on=False, refused=exc.message)
+                logger.warning("the teacher refused response_format (%s); prompting without it from now on",
+                               exc.message)
+                completion = await teacher.chat(messages, max_tokens=req.max_tokens or cfg.teacher.max_tokens,
+                                                temperature=req.temperature)
         except BackendError as exc:
             raise ApiError(502, f"the teacher ({teacher_model}) failed: {exc.message}", "upstream_error") from None
         cost = (completion.input_tokens * cfg.teacher.price_per_million_input_tokens
                 + completion.output_tokens * cfg.teacher.price_per_million_output_tokens) / 1e6
-        out.text, out.route, out.model = completion.text, "teacher", teacher_model
+        text = completion.text
+        if task.type == "extraction" and (
+                ((req.response_format or {}).get("json_schema") or {}).get("schema") in (None, task.schema)):
+            try:
+                text = task.parse(text)  # the canonical record (sorted keys, fences and prose stripped)
+            except ParseError as exc:  # passed on as it came: the client sees what the teacher said
+                logger.warning("the teacher's answer is not a valid record: %s", exc)
+        out.text, out.route, out.model = text, "teacher", teacher_model
         out.prompt_tokens, out.completion_tokens = completion.input_tokens, completion.output_tokens
         out.log.update(input_tokens=completion.input_tokens, output_tokens=completion.output_tokens,
                        cost_usd=cost)
@@ -326,14 +414,27 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
         if req.model == teacher_model:
             await teacher_answer(req, out)
             return
+        if req.response_format is not None and task.type != "extraction":
+            await teacher_answer(req, out)  # only an extraction student answers in JSON
+            return
         async with predict_lock:
             prediction = (await asyncio.to_thread(routing.student.predict, [req.input]))[0]
         out.log.update(student=routing.student_name, student_label=prediction.label,
                        student_confidence=float(prediction.confidence), threshold=routing.threshold)
-        if prediction.confidence >= routing.threshold:
-            out.text, out.route, out.model = prediction.label, "student", routed_model
+        answer_text = prediction.label
+        if task.type != "classification":  # a generative student may say something invalid
+            try:
+                answer_text = task.parse(prediction.label)
+            except ParseError as exc:
+                logger.info("student answer not valid for the task (%s); asking the teacher", exc)
+                answer_text = None
+        if answer_text is not None and req.response_format is not None and not _fits(
+                answer_text, req.response_format, task.schema if task.type == "extraction" else None):
+            answer_text = None
+        if answer_text is not None and prediction.confidence >= routing.threshold:
+            out.text, out.route, out.model = answer_text, "student", routed_model
             # The student reads no tokenizer's bill; usage is a whitespace word count, an estimate.
-            out.prompt_tokens, out.completion_tokens = len(req.input.split()), len(prediction.label.split())
+            out.prompt_tokens, out.completion_tokens = len(req.input.split()), len(answer_text.split())
             out.log.update(cost_usd=0.0)
             return
         await teacher_answer(req, out)
@@ -375,6 +476,8 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
             headers["x-stillroom-route"] = out.route
             if "student_confidence" in out.log:
                 headers["x-stillroom-confidence"] = f"{out.log['student_confidence']:.6f}"
+            if out.pii_redacted is not None:
+                headers["x-stillroom-pii-redacted"] = str(out.pii_redacted)
             created = int(time.time())
             if req.stream:
                 response = StreamingResponse(

@@ -84,7 +84,7 @@ def define(metadata: MetaData, upto: int = 10**6) -> dict[str, Table]:
         Column("id", Integer, primary_key=True, autoincrement=True),
         Column("student", String(255), nullable=False, index=True),
         Column("kind", String(32), nullable=False),
-        Column("status", String(16), nullable=False),  # running | finished | failed
+        Column("status", String(16), nullable=False),  # running | finished | failed | trial (m0007)
         Column("config", Text, nullable=False),  # JSON
         Column("data_fingerprint", String(64), nullable=False),
         Column("lock_id", Integer, ForeignKey("eval_locks.id")),
@@ -283,6 +283,46 @@ def define(metadata: MetaData, upto: int = 10**6) -> dict[str, Table]:
             Column("size_bytes", BigInteger, nullable=False),
             Column("metrics", Text),  # JSON: re-evaluation on the locked eval split vs the fp32 student
             Column("created_at", DateTime(timezone=True), nullable=False),
+        )
+    if upto >= 7:  # m0007: run tags (declared on the m0001 table; the migration ALTERs it)
+        runs = t["training_runs"]
+        # status gains "trial": a sweep's run, kept out of `latest_run` until it is promoted.
+        runs.append_column(Column("sweep_id", String(64)))  # the sweep that trained it
+        runs.append_column(Column("provenance", String(16)))  # trained | imported; NULL: trained
+    if upto >= 6:  # m0006: augmentation
+        from sqlalchemy import UniqueConstraint
+
+        # One teacher paraphrase call per parent example, recorded before the call is sent (its
+        # intent is in label_intents under the same request hash, its answer in responses with role
+        # 'augment'); the messages and params are kept so a resumed run sends the identical call.
+        t["augment_requests"] = Table(
+            "augment_requests", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("request_hash", String(64), nullable=False, unique=True),
+            Column("parent_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("k", Integer, nullable=False),  # paraphrases asked for
+            Column("prompt_version", String(32), nullable=False),
+            Column("model", String(255), nullable=False),
+            Column("messages", Text, nullable=False),  # JSON
+            Column("params", Text, nullable=False),  # JSON: max_tokens, temperature
+            Column("created_at", DateTime(timezone=True), nullable=False),
+        )
+        # Every paraphrase a request returned (position -1: an answer that did not parse at all).
+        t["augmentations"] = Table(
+            "augmentations", metadata,
+            Column("id", Integer, primary_key=True, autoincrement=True),
+            Column("request_id", Integer, ForeignKey("augment_requests.id"), nullable=False, index=True),
+            Column("parent_id", Integer, ForeignKey("examples.id"), nullable=False, index=True),
+            Column("position", Integer, nullable=False),
+            Column("text", Text),  # the paraphrase as returned (NULL when the answer did not parse)
+            Column("example_id", Integer, ForeignKey("examples.id"), unique=True),  # the augmented example
+            Column("status", String(16), nullable=False, index=True),  # kept | unverified | dropped | rejected
+            Column("reason", Text),  # why rejected or dropped: "<code>: <detail>"
+            Column("label", Text),  # the parent's training label when the paraphrase was accepted
+            Column("verified_label", Text),  # the teacher's own label for it (--verify)
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("updated_at", DateTime(timezone=True), nullable=False),
+            UniqueConstraint("request_id", "position", name="uq_augmentations_position"),
         )
     return t
 

@@ -9,8 +9,6 @@ with the fp32 training copy and applies the gate to it: the gate is about what g
 from __future__ import annotations
 
 import json
-import statistics
-import time
 from pathlib import Path
 
 from stillroom.errors import StillroomError
@@ -332,24 +330,22 @@ def evaluate_artifact(project, name: str, fmt: str, latency_samples: int = 20) -
     """Evaluate the newest export of a student's newest run in one format on the locked eval split.
 
     Returns (and records, as an `evaluations` row of kind `artifact:<format>` and in the
-    artifact's `metrics`) a dict shaped like `evaluate_student`'s -- the same scorecard, routing
-    threshold picked on the calibration split with this artifact's own confidences, throughput --
-    plus `artifact`, `vs_fp32` (agreement and macro-F1 change in points with a paired bootstrap
-    interval, labels that flipped against the fp32 student), `latency_ms` (one input per call),
-    `predictions` and `gate` (the verdict for this artifact, the thing that will be deployed)."""
-    from sqlalchemy import insert, update
+    artifact's `metrics`) a dict shaped like `evaluate_student`'s -- it is `evaluate_student` run on
+    the loaded artifact: the same scorecard, routing threshold picked on the calibration split with
+    this artifact's own confidences, throughput -- plus `artifact`, `vs_fp32` (agreement and
+    macro-F1 change in points with a paired bootstrap interval, answers that flipped against the
+    fp32 student), `latency_ms` (one input per call), `predictions` and `gate` (the verdict for this
+    artifact, the thing that will be deployed)."""
+    from sqlalchemy import insert, select, update
 
-    from stillroom.curate.lock import verify_lock
     from stillroom.evaluate.bootstrap import paired_gap_ci
-    from stillroom.evaluate.evaluator import check_label_set
+    from stillroom.evaluate.evaluator import evaluate_student
     from stillroom.evaluate.gate import decide
-    from stillroom.evaluate.scorecard import Scored, scorecard
-    from stillroom.route.calibrate import apply_threshold, coverage_curve, pick_threshold
+    from stillroom.evaluate.metrics import example_score
     from stillroom.store import tables as T
     from stillroom.store.db import now, to_json
-    from stillroom.store.records import human_labels, latest_run, split_rows
+    from stillroom.store.records import latest_run, split_rows
 
-    lock = verify_lock(project)
     task = project.task
     gate = project.config.gate
     with project.store.engine.connect() as conn:
@@ -357,117 +353,74 @@ def evaluate_artifact(project, name: str, fmt: str, latency_samples: int = 20) -
         if run is None:
             raise ArtifactError(f"student '{name}' has not been trained; run `stillroom train {name}`")
         artifact = latest_artifact(conn, run["id"], fmt)
-        eval_rows = split_rows(conn, "eval")
-        cal_rows = split_rows(conn, "calibration")
-        humans = human_labels(conn)
+        teacher = {ex.id: label for ex, label in split_rows(conn, "eval")}
     if artifact is None:
         raise ArtifactError(f"student '{name}' (run {run['id']}) has no {fmt} export; "
                             f"run `stillroom export {name} --format {fmt}`")
-    if not eval_rows:
+    if not teacher:
         raise ArtifactError("the eval split has no teacher-labelled examples")
     baseline = _fp32_evaluation(project, name, run)
     student = load_artifact(artifact["path"])
-    check_label_set(task, student, name)
-
-    texts = [ex.input for ex, _ in eval_rows]
-    student.predict(texts[:1])  # warm-up: loading is not throughput
-    latencies = []
-    for text in texts[:latency_samples]:
-        started = time.perf_counter()
-        student.predict([text])
-        latencies.append((time.perf_counter() - started) * 1000)
-    started = time.perf_counter()
-    eval_preds = student.predict(texts)
-    seconds = time.perf_counter() - started
-    cal_preds = student.predict([ex.input for ex, _ in cal_rows]) if cal_rows else []
-
-    scored = [Scored(ex.id, ex.input, label, p.label, float(p.confidence), humans.get(ex.id), ex.source, ex.tags)
-              for (ex, label), p in zip(eval_rows, eval_preds)]
-    card = scorecard(task, scored, gate)
-    target = project.config.routing.target_agreement
-    cal_agrees = [bool(task.score(p.label, label)) for p, (_, label) in zip(cal_preds, cal_rows)]
-    calibration = pick_threshold([p.confidence for p in cal_preds], cal_agrees, target)
-    eval_agrees = [bool(task.score(s.student, s.teacher)) for s in scored]
-    eval_conf = [s.confidence for s in scored]
+    result = evaluate_student(project, name, student, kind=f"artifact:{fmt}", record=False,
+                              latency_samples=latency_samples)
+    answers = {example_id: (answer, confidence) for example_id, answer, confidence in result["predictions"]}
 
     with project.store.engine.connect() as conn:
-        fp32 = _fp32_labels(conn, run["id"], [s.example_id for s in scored])
-    both = [s for s in scored if s.example_id in fp32]
-    flips = [{"example_id": s.example_id, "input": s.input, "teacher": s.teacher, "fp32": fp32[s.example_id],
-              "artifact": s.student, "confidence": round(s.confidence, 4)}
-             for s in both if fp32[s.example_id] != s.student]
+        fp32 = _fp32_labels(conn, run["id"], list(answers))
+    both = [i for i in answers if i in fp32]
+    flipped = [i for i in both if fp32[i] != answers[i][0]]
+    with project.store.engine.connect() as conn:
+        inputs = dict(conn.execute(select(T.examples.c.id, T.examples.c.input)
+                                   .where(T.examples.c.id.in_(flipped[:MAX_KEPT]))).all()) if flipped else {}
+    flips = [{"example_id": i, "input": inputs.get(i), "teacher": teacher[i], "fp32": fp32[i],
+              "artifact": answers[i][0], "confidence": round(answers[i][1], 4)} for i in flipped]
     # fp32 minus artifact agreement with the teacher on the same examples, in points: > 0 is a loss.
-    loss = paired_gap_ci([float(task.score(fp32[s.example_id], s.teacher)) for s in both],
-                         [float(task.score(s.student, s.teacher)) for s in both],
+    loss = paired_gap_ci([example_score(task, fp32[i], teacher[i]) for i in both],
+                         [example_score(task, answers[i][0], teacher[i]) for i in both],
                          gate.bootstrap_resamples, gate.bootstrap_seed)
 
     def points(after, before):
         return None if after is None or before is None else round((after - before) * 100, 2)
 
-    result = {
-        "student": name,
-        "kind": run["kind"],
-        "run_id": run["id"],
-        "set": f"artifact:{fmt}",
-        "lock_id": lock.id,
-        "lock_sha256": lock.manifest_sha256,
-        "lock_reason": lock.reason,
-        **card,
-        "calibration": calibration,
-        "at_threshold": apply_threshold(eval_conf, eval_agrees, calibration["threshold"]),
-        "coverage_curve": coverage_curve(eval_conf, eval_agrees),
-        "throughput": {"inputs": len(texts), "seconds": seconds,
-                       "inputs_per_s": len(texts) / seconds if seconds else None},
-        "errors": [
-            {"example_id": s.example_id, "input": s.input, "teacher": s.teacher, "student": s.student,
-             "confidence": round(s.confidence, 4), "human": s.human}
-            for s in scored if not task.score(s.student, s.teacher)
-        ][:MAX_KEPT],
+    macro, baseline_macro = result["vs_teacher"].get("macro_f1"), baseline["vs_teacher"].get("macro_f1")
+    predictions = result.pop("predictions")
+    result.update({
         "artifact": {"id": artifact["id"], "format": fmt, "path": artifact["path"],
                      "sha256": artifact["sha256"], "size_bytes": artifact["size_bytes"]},
-        "latency_ms": {"n": len(latencies), "p50": statistics.median(latencies) if latencies else None,
-                       "p95": _percentile(latencies, 0.95)},
         "vs_fp32": {
             "fp32_evaluation_id": baseline.get("evaluation_id"),
             "fp32_agreement": baseline["agreement"],
-            "fp32_macro_f1": baseline["vs_teacher"]["macro_f1"],
-            "agreement_delta_points": points(card["agreement"], baseline["agreement"]),
-            "macro_f1_delta_points": points(card["vs_teacher"]["macro_f1"], baseline["vs_teacher"]["macro_f1"]),
+            "fp32_macro_f1": baseline_macro,
+            "agreement_delta_points": points(result["agreement"], baseline["agreement"]),
+            "macro_f1_delta_points": points(macro, baseline_macro),
             "agreement_loss_ci": loss,
             "compared": len(both),
             "label_flips": len(flips),
             "flip_rate": len(flips) / len(both) if both else None,
             "flips": flips[:MAX_KEPT],
         },
-        "predictions": [[s.example_id, s.student, round(s.confidence, 6)] for s in scored],
-    }
+        "predictions": predictions,
+    })
     # named as `stillroom compare` names an artifact source: lora@gguf-q8_0
     verdict = decide({**result, "student": f"{name}@{fmt}", "stale": False}, gate)
     result["gate"] = verdict.as_dict()
 
     summary = {
-        "lock_id": lock.id, "agreement": result["agreement"], "macro_f1": card["vs_teacher"]["macro_f1"],
+        "lock_id": result["lock_id"], "agreement": result["agreement"], "macro_f1": macro,
         **{k: v for k, v in result["vs_fp32"].items() if k not in ("flips", "agreement_loss_ci")},
-        "threshold": calibration["threshold"], "coverage": result["at_threshold"]["coverage"],
+        "threshold": result["calibration"]["threshold"], "coverage": result["at_threshold"]["coverage"],
         "latency_ms_p50": result["latency_ms"]["p50"], "inputs_per_s": result["throughput"]["inputs_per_s"],
         "gate_passed": verdict.passed, "gate_message": verdict.message,
     }
     with project.store.engine.begin() as conn:
         evaluation_id = conn.execute(insert(T.evaluations).values(
-            run_id=run["id"], lock_id=lock.id, kind=f"artifact:{fmt}", metrics=to_json(result),
+            run_id=run["id"], lock_id=result["lock_id"], kind=f"artifact:{fmt}", metrics=to_json(result),
             created_at=now())).inserted_primary_key[0]
         summary["evaluation_id"] = evaluation_id
         table = _artifacts_table()
         conn.execute(update(table).where(table.c.id == artifact["id"]).values(metrics=to_json(summary)))
     result.update(evaluation_id=evaluation_id, stale=False)
     return result
-
-
-def _percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def latest_artifact_evaluation(project, name: str, fmt: str) -> dict | None:

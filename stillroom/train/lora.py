@@ -1,8 +1,12 @@
-"""The `lora` student: a LoRA fine-tune of a small causal LM that answers with one label.
+"""The `lora` student: a LoRA fine-tune of a small causal LM, for every task type.
 
-The recipe is written out top to bottom in `train_lora` (setup, loop, checkpoint, cleanup).
-Prediction never generates free text: every label is scored as a continuation of the prompt and
-the label probabilities are a softmax over those scores, so the answer is always a valid label.
+The recipe is written out top to bottom in `train_lora` (setup, loop, checkpoint, cleanup); the
+loss and the LM head run on answer tokens only. Classification never generates free text: every
+label is scored as a continuation of the prompt and the label probabilities are a softmax over
+those scores, so the answer is always a valid label. Extraction and generation are trained on
+the teacher's answer (canonical JSON for extraction) followed by end-of-turn and answer by greedy
+decoding (`decoding.py`); extraction decodes under the task's JSON schema, so every answer is a
+valid record.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -18,10 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 from stillroom.train.base import Prediction, TrainResult
+from stillroom.train.decoding import greedy_decode
 
-__all__ = ["LoraConfig", "LoraStudent", "train_lora"]
+__all__ = ["LoraConfig", "LoraStudent", "train_lora", "train_full"]
 
-KNOWN_BASE_MODELS = ("smollm2-135m-instruct",)
+from stillroom.models import BASE_MODELS as _BASE_MODELS  # noqa: E402  (light: no torch)
+
+KNOWN_BASE_MODELS = tuple(_BASE_MODELS)  # the embedded bases in stillroom.models
 
 
 @dataclass
@@ -41,6 +49,9 @@ class LoraConfig:
     target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
+    full: bool = False  # full fine-tuning (every weight trains, no adapter): the `full` student
+    quantization: str | None = None  # "4bit": QLoRA (bitsandbytes NF4 base, CUDA only)
+    checkpoint_every: int = 50  # optimizer steps between resumable checkpoints; 0 = none
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)  # JSON round-trips give a list
@@ -59,6 +70,9 @@ class LoraConfig:
             ("max_input_tokens", self.max_input_tokens >= 1, "an integer >= 1"),
             ("threads", self.threads is None or self.threads >= 1, "None or an integer >= 1"),
             ("target_modules", len(self.target_modules) > 0, "at least one module name"),
+            ("quantization", self.quantization in (None, "4bit"), "None or '4bit'"),
+            ("quantization", not (self.full and self.quantization), "None for full fine-tuning"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -75,10 +89,10 @@ def _quiet_peft():
 
 def resolve_base_model(name_or_path: str) -> Path:
     """The local folder holding the base model's weights and tokenizer."""
-    if name_or_path == "smollm2-135m-instruct":
-        from stillroom.models import smollm2_hf_dir
+    if name_or_path in KNOWN_BASE_MODELS:
+        from stillroom.models import base_model_dir
 
-        return smollm2_hf_dir()
+        return base_model_dir(name_or_path)
     if Path(name_or_path).is_dir():
         return Path(name_or_path)
     raise ValueError(
@@ -121,9 +135,45 @@ def _encode_prompts(tokenizer, frame, texts, student_format, max_input_tokens) -
     return [before + body[:max_input_tokens] + after for body in bodies]
 
 
-def _encode_answers(tokenizer, frame, labels) -> list[list[int]]:
+def _encode_answers(tokenizer, frame, labels, max_tokens: int | None = None) -> list[list[int]]:
+    """Answer tokens + end-of-turn; a longer answer is cut to `max_tokens` (the decoding budget)."""
     eot = frame[2]
-    return [tokenizer(label, add_special_tokens=False)["input_ids"] + [eot] for label in labels]
+    ids = tokenizer(list(labels), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return [a[:max_tokens] + [eot] for a in ids]
+
+
+def task_info(task) -> dict:
+    """What a saved student needs to know about its task to predict on its own."""
+    return {"type": task.type, "name": task.name, "metric": task.metric,
+            "max_output_tokens": task.max_output_tokens, "schema": getattr(task, "schema", None)}
+
+
+def _student_answers(lm, tokenizer, frame, prompts, info: dict, constraint, batch_size: int) -> list[Prediction]:
+    """Greedy answers for a generative task: text (generation) or canonical JSON (extraction),
+    with the geometric-mean token probability as confidence."""
+    from stillroom.tasks.extraction import canonical_json
+
+    decoded = greedy_decode(lm, prompts, frame[2], _pad_id(tokenizer), info["max_output_tokens"],
+                            constraint, batch_size)
+    out = []
+    for d in decoded:
+        text = tokenizer.decode(d.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+        confidence = d.confidence
+        if info["type"] == "extraction":
+            try:
+                text = canonical_json(json.loads(text))
+            except json.JSONDecodeError:
+                confidence = 0.0  # the record could not be closed in budget: never route it to the student
+        out.append(Prediction(label=text, confidence=confidence, probs={}))
+    return out
+
+
+def _constraint(tokenizer, frame, info: dict, vocab_size: int):
+    if info["type"] != "extraction":
+        return None
+    from stillroom.train.decoding import JsonConstraint
+
+    return JsonConstraint(tokenizer, info["schema"], vocab_size, frame[2])
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -167,17 +217,19 @@ def _label_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pad_
     dtype = head.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
 
+    dev = head.weight.device
     hidden = decoder(
-        input_ids=ids, attention_mask=mask[:, None], position_ids=positions, use_cache=False
+        input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=positions.to(dev),
+        use_cache=False,
     ).last_hidden_state
     first = head(hidden[:, width - 1]).float().log_softmax(-1)  # predicts every answer's first token
     scores = first[:, [a[0] for a in answers]]
     if len(owner) == 0:
         return scores
-    targets = torch.tensor([t for a in answers for t in a[1:]])
+    targets = torch.tensor([t for a in answers for t in a[1:]], device=dev)
     rest = head(hidden[:, width:]).float().log_softmax(-1)
     rest = rest.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1)
-    return scores.index_add(1, owner, rest)
+    return scores.index_add(1, owner.to(dev), rest)
 
 
 def _label_probs(lm, prompts, answers, pad_id, batch_size: int):
@@ -190,7 +242,7 @@ def _label_probs(lm, prompts, answers, pad_id, batch_size: int):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
             scores = _label_logprobs(lm, [prompts[i] for i in rows], answers, pad_id)
-            probs[rows] = scores.softmax(-1)
+            probs[rows] = scores.softmax(-1).cpu()
     return probs
 
 
@@ -214,6 +266,42 @@ def _length_bucketed_batches(lengths: list[int], batch_size: int, rng: random.Ra
     return batches
 
 
+VAL_DECODE_LIMIT = 128  # generative tasks: val examples decoded per epoch to pick the best epoch
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _inputs_hash(train, val, labels, student_format, config, info) -> str:
+    """Identifies what a checkpoint was trained on: a run resumes only from its own inputs."""
+    import hashlib
+
+    payload = [train, val, labels, student_format, asdict(config), info]
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_base(base_dir: Path, config: LoraConfig, device: str):
+    """The base model on `device`: fp32, or 4-bit NF4 for QLoRA (CUDA and bitsandbytes only)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if config.quantization != "4bit":
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        bitsandbytes = None
+    if device != "cuda" or bitsandbytes is None:
+        raise ValueError("quantization '4bit' (QLoRA) needs a CUDA GPU and the bitsandbytes package "
+                         "(pip install bitsandbytes); leave quantization out to train in fp32 on this machine")
+    from peft import prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": 0},
+                                                dtype=torch.bfloat16)
+    return prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+
+
 def train_lora(
     train: list[tuple[str, str]],
     val: list[tuple[str, str]],
@@ -222,22 +310,37 @@ def train_lora(
     config: LoraConfig,
     student_format: str = "{input}",
     progress: Callable[[int, int], None] | None = None,
+    task=None,
 ) -> TrainResult:
-    """Fine-tune a LoRA classifier on (input, label) pairs; keep the epoch with the best val agreement."""
+    """Fine-tune on (input, answer) pairs; keep the epoch with the best validation score.
+
+    `task` (a `stillroom.tasks.Task`; None means classification over `labels`) decides the answers:
+    a label, scored against every label on val; or the teacher's text / canonical JSON, greedily
+    decoded on up to VAL_DECODE_LIMIT val examples and scored with `task.score`. A run whose
+    `out_dir` holds a checkpoint of the same inputs resumes from it."""
     import numpy as np
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     # --- setup -------------------------------------------------------------------------------
     started = time.perf_counter()
-    labels = list(labels)
-    if not labels or len(set(labels)) != len(labels):
+    generative = task is not None and task.type != "classification"
+    info = task_info(task) if task is not None else {"type": "classification", "name": None,
+                                                      "metric": "accuracy", "max_output_tokens": None,
+                                                      "schema": None}
+    labels = [] if generative else list(labels)
+    if not generative and (not labels or len(set(labels)) != len(labels)):
         raise ValueError(f"labels={labels!r}: expected a non-empty list of distinct labels")
     if not train or not val:
         raise ValueError("train and val must both be non-empty (val picks the best epoch)")
     for split, rows in (("train", train), ("val", val)):
+        if generative:
+            empty = sum(1 for _, y in rows if not y.strip())
+            if empty:
+                raise ValueError(f"{split} has {empty} empty answer(s); a generative student needs the teacher's text")
+            continue
         unknown = sorted({y for _, y in rows} - set(labels))
         if unknown:
             raise ValueError(f"{split} has labels not in the label set: {unknown}")
@@ -248,10 +351,12 @@ def train_lora(
 
     base_dir = resolve_base_model(config.base_model)
     hidden_size = AutoConfig.from_pretrained(base_dir).hidden_size
-    if config.rank > hidden_size:
+    if not config.full and config.rank > hidden_size:
         raise ValueError(
             f"LoraConfig.rank={config.rank}: must not exceed the base model's hidden size ({hidden_size})"
         )
+    # GPU when there is one: bf16 autocast and gradient checkpointing. Never needed by the tests.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(config.threads or os.cpu_count() or 1)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -260,37 +365,51 @@ def train_lora(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     frame = _chat_frame(tokenizer)
     pad_id = _pad_id(tokenizer)
-    answers = _encode_answers(tokenizer, frame, labels)
-    label_index = {label: j for j, label in enumerate(labels)}
     fmt = lambda rows: _encode_prompts(  # noqa: E731
         tokenizer, frame, [x for x, _ in rows], student_format, config.max_input_tokens
     )
-    train_prompts, val_prompts = fmt(train), fmt(val)
-    train_answers = [answers[label_index[y]] for _, y in train]
-    val_gold = torch.tensor([label_index[y] for _, y in val])
+    if generative:
+        picked = sorted(random.Random(config.seed).sample(range(len(val)), min(len(val), VAL_DECODE_LIMIT)))
+        val = [val[i] for i in picked]
+        train_prompts, val_prompts = fmt(train), fmt(val)
+        train_answers = _encode_answers(tokenizer, frame, [y for _, y in train], info["max_output_tokens"])
+    else:
+        answers = _encode_answers(tokenizer, frame, labels)
+        label_index = {label: j for j, label in enumerate(labels)}
+        train_prompts, val_prompts = fmt(train), fmt(val)
+        train_answers = [answers[label_index[y]] for _, y in train]
+        val_gold = torch.tensor([label_index[y] for _, y in val])
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    with _quiet_peft():
-        model = get_peft_model(
-            base,
-            PeftLoraConfig(
-                r=config.rank,
-                lora_alpha=config.alpha,
-                lora_dropout=config.dropout,
-                target_modules=list(config.target_modules),
-                task_type="CAUSAL_LM",
-            ),
-        )
-    lm = model.get_base_model()  # the LM with LoRA layers injected; we call its parts directly
+    base = _load_base(base_dir, config, device)
+    if config.full:
+        model = base  # every weight trains; saved as a plain Hugging Face model folder
+        model.requires_grad_(True)
+    else:
+        with _quiet_peft():
+            model = get_peft_model(
+                base,
+                PeftLoraConfig(
+                    r=config.rank,
+                    lora_alpha=config.alpha,
+                    lora_dropout=config.dropout,
+                    target_modules=list(config.target_modules),
+                    task_type="CAUSAL_LM",
+                ),
+            )
+    lm = model if config.full else model.get_base_model()  # we call the LM's parts directly
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    if device == "cuda":
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if not config.full:
+            lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    constraint = _constraint(tokenizer, frame, info, head.weight.shape[0]) if generative else None
 
     lengths = [len(p) + len(a) for p, a in zip(train_prompts, train_answers)]
     steps_per_epoch = -(-len(train) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, round(0.06 * total_steps))
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=config.learning_rate, weight_decay=0.0
-    )
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.learning_rate, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)),
@@ -298,14 +417,49 @@ def train_lora(
     rng = random.Random(config.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
+                else contextlib.nullcontext())
+
+    # --- resume: a checkpoint of these same inputs in out_dir picks up where it stopped -----------
+    inputs_hash = _inputs_hash(train, val, labels, student_format, config, info)
+    state = {"step": 0, "epoch": 1, "batch": 0, "batches": None, "train_tokens": 0, "loop_seconds": 0.0,
+             "best": -1.0, "best_agreement": 0.0, "best_epoch": 0, "history": [], "resumed_from_step": None}
+    ckpt_file = out_dir / CHECKPOINT_DIR / "state.pt"
+    if ckpt_file.is_file():
+        saved = torch.load(ckpt_file, map_location="cpu", weights_only=False)
+        if saved["inputs_hash"] == inputs_hash:
+            with torch.no_grad():
+                for name, param in trainable:
+                    param.copy_(saved["weights"][name])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            rng.setstate(saved["rng_python"])
+            torch.set_rng_state(saved["rng_torch"])
+            if device == "cuda" and saved.get("rng_cuda") is not None:
+                torch.cuda.set_rng_state(saved["rng_cuda"])
+            state = {**saved["state"], "resumed_from_step": saved["state"]["step"]}
+
+    def checkpoint() -> None:
+        """Everything the loop needs to continue bit-for-bit; written atomically."""
+        folder = out_dir / CHECKPOINT_DIR
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "state.pt.partial"
+        torch.save({"inputs_hash": inputs_hash, "state": state, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "rng_python": rng.getstate(),
+                    "rng_torch": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+                    "weights": {n: p.detach().cpu() for n, p in trainable}}, tmp)
+        os.replace(tmp, folder / "state.pt")
 
     # --- loop --------------------------------------------------------------------------------
-    step, train_tokens, loop_seconds = 0, 0, 0.0
-    best_agreement, best_epoch, history = -1.0, 0, []
-    for epoch in range(1, config.epochs + 1):
+    while state["epoch"] <= config.epochs:
+        epoch = state["epoch"]
         model.train()
         epoch_start = time.perf_counter()
-        for batch in _length_bucketed_batches(lengths, config.batch_size, rng):
+        if state["batches"] is None:  # a new epoch; a resumed one keeps its saved batch order
+            state["batches"] = _length_bucketed_batches(lengths, config.batch_size, rng)
+        while state["batch"] < len(state["batches"]):
+            batch = state["batches"][state["batch"]]
             width = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -319,53 +473,81 @@ def train_lora(
                     rows.append(r)
                     cols.append(len(prompt) - 1 + k)
                     targets.append(token)
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            # Vocabulary logits only where an answer token is predicted: on every position the LM
-            # head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor.
-            logits = head(hidden[rows, cols])
-            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets))
+            with autocast:
+                hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 use_cache=False).last_hidden_state
+                # Vocabulary logits only where an answer token is predicted: on every position the LM
+                # head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor.
+                logits = head(hidden[rows, cols])
+            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            step += 1
-            train_tokens += int(mask.sum())
+            state["step"] += 1
+            state["batch"] += 1
+            state["train_tokens"] += int(mask.sum())
+            if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
+                state["loop_seconds"] += time.perf_counter() - epoch_start
+                epoch_start = time.perf_counter()
+                checkpoint()
             if progress is not None:
-                progress(step, total_steps)
-        loop_seconds += time.perf_counter() - epoch_start
+                progress(state["step"], total_steps)
+        state["loop_seconds"] += time.perf_counter() - epoch_start
 
         model.eval()
-        probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
-        agreement = (probs.argmax(-1) == val_gold).sum().item() / len(val)
-        history.append(round(agreement, 4))
+        if generative:
+            with autocast:
+                predicted = _student_answers(lm, tokenizer, frame, val_prompts, info, constraint, 16)
+            scores = [task.score(p.label, y) for p, (_, y) in zip(predicted, val)]
+            agreement = sum(task.agrees(p.label, y) for p, (_, y) in zip(predicted, val)) / len(val)
+            score = sum(scores) / len(scores)
+        else:
+            with autocast:
+                probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
+            agreement = score = (probs.argmax(-1) == val_gold).sum().item() / len(val)
+        state["history"].append(round(score, 4))
+        state["epoch"], state["batch"], state["batches"] = epoch + 1, 0, None
 
-        # --- checkpoint: the best epoch's adapter is what stays on disk ----------------------
-        if agreement > best_agreement:
-            best_agreement, best_epoch = agreement, epoch
+        # --- checkpoint: the best epoch's weights are what stay on disk ----------------------
+        stop = False
+        if score > state["best"]:
+            state["best"], state["best_agreement"], state["best_epoch"] = score, agreement, epoch
             model.save_pretrained(out_dir)
-        elif epoch - best_epoch >= 1:
-            break  # early stopping: no improvement for one epoch
-        if best_agreement >= 1.0:
-            break  # nothing left to improve on val
+        elif epoch - state["best_epoch"] >= 1:
+            stop = True  # early stopping: no improvement for one epoch
+        if state["best"] >= 1.0:
+            stop = True  # nothing left to improve on val
+        if stop:
+            break
+        if config.checkpoint_every:
+            checkpoint()  # an epoch boundary: a resume must not redo the validation
 
     # --- cleanup -----------------------------------------------------------------------------
     tokenizer.save_pretrained(out_dir)
+    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     metrics = {
-        "val_agreement": best_agreement,
-        "best_epoch": best_epoch,
-        "epochs_run": len(history),
-        "val_agreement_by_epoch": history,
-        "steps": step,
-        "train_seconds": round(time.perf_counter() - started, 3),  # everything: load, train, val, save
-        "train_tokens": train_tokens,  # non-padding tokens through the forward/backward passes
-        "train_tokens_per_s": round(train_tokens / max(loop_seconds, 1e-9), 1),  # optimizer loop only
+        "val_agreement": state["best_agreement"],  # share of val answers that agree with the teacher
+        "best_epoch": state["best_epoch"],
+        "epochs_run": len(state["history"]),
+        "val_agreement_by_epoch" if not generative else "val_score_by_epoch": state["history"],
+        "steps": state["step"],
+        "train_seconds": round(time.perf_counter() - started, 3),  # this process: load, train, val, save
+        "train_tokens": state["train_tokens"],  # non-padding tokens through the forward/backward passes
+        "train_tokens_per_s": round(state["train_tokens"] / max(state["loop_seconds"], 1e-9), 1),
         "train_examples": len(train),
         "val_examples": len(val),
+        "resumed_from_step": state["resumed_from_step"],
+        "device": device,
     }
+    if generative:
+        metrics["val_score"] = state["best"]  # mean task.score (the task's metric) on the decoded val subset
+        metrics["metric"] = info["metric"]
     manifest = {
-        "kind": LoraStudent.kind,
+        "kind": "full" if config.full else LoraStudent.kind,
         "labels": labels,
+        "task": info,
         "base_model": {"name": config.base_model, "path": str(base_dir.resolve())},
         "student_format": student_format,
         "config": asdict(config),
@@ -376,28 +558,41 @@ def train_lora(
     return TrainResult(path=out_dir, metrics=metrics)
 
 
+def train_full(train, val, labels, out_dir, config: LoraConfig, student_format: str = "{input}",
+               progress=None, task=None) -> TrainResult:
+    """The `full` student: the same recipe with every weight trainable and no adapter."""
+    from dataclasses import replace
+
+    return train_lora(train, val, labels, out_dir, replace(config, full=True), student_format, progress, task)
+
+
 # --- the student -------------------------------------------------------------------------------
 
 
 class LoraStudent:
-    """A trained `lora` student: the adapter merged into its base model, scoring every label."""
+    """A trained `lora` (or `full`) student: fp32 weights with the adapter merged in. Classification
+    scores every label; extraction and generation decode greedily (extraction under the schema)."""
 
     kind = "lora"
 
-    def __init__(self, model, tokenizer, labels: list[str], student_format: str, config: LoraConfig):
+    def __init__(self, model, tokenizer, labels: list[str], student_format: str, config: LoraConfig,
+                 task: dict | None = None, kind: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.labels = labels
         self.student_format = student_format
         self.config = config
+        self.task = task or {"type": "classification"}
+        if kind:
+            self.kind = kind
         self._frame = _chat_frame(tokenizer)
-        self._answers = _encode_answers(tokenizer, self._frame, labels)
         self._pad_id = _pad_id(tokenizer)
+        self._answers = _encode_answers(tokenizer, self._frame, labels) if labels else []
+        self._constraint = None  # compiled on first extraction call (~1 s for SmolLM2's vocabulary)
 
     @classmethod
     def load(cls, path: Path) -> "LoraStudent":
         import torch
-        from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = Path(path)
@@ -408,20 +603,34 @@ class LoraStudent:
         config = LoraConfig(**{**manifest["config"], "base_model": str(base_dir)})
         if config.threads:
             torch.set_num_threads(config.threads)
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-        # Merging folds B @ A into the base weights: inference then costs exactly the base model.
-        with _quiet_peft():
-            model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
+        if manifest["kind"] == "full":  # a plain Hugging Face model folder
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        else:
+            from peft import PeftModel
+
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            # Merging folds B @ A into the base weights: inference then costs exactly the base model.
+            with _quiet_peft():
+                model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
-        return cls(model, tokenizer, manifest["labels"], manifest["student_format"], config)
+        return cls(model, tokenizer, manifest["labels"], manifest["student_format"], config,
+                   task=manifest.get("task"), kind=manifest["kind"])
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[Prediction]:
-        """One prediction per text: the most probable label and every label's probability."""
+        """One prediction per text. Classification: the most probable label and every label's
+        probability. Extraction/generation: the greedy answer (canonical JSON for extraction),
+        confidence = geometric-mean probability of its tokens, `probs` empty."""
         if not texts:
             return []
         prompts = _encode_prompts(
             self.tokenizer, self._frame, texts, self.student_format, self.config.max_input_tokens
         )
+        if self.task["type"] != "classification":
+            if self.task["type"] == "extraction" and self._constraint is None:
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                self._constraint = _constraint(self.tokenizer, self._frame, self.task, vocab)
+            return _student_answers(self.model, self.tokenizer, self._frame, prompts, self.task,
+                                    self._constraint, batch_size)
         probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
         predictions = []
         for row in probs:

@@ -7,6 +7,7 @@ import importlib
 STUDENTS = {
     "encoder": ("stillroom.train.encoder:train_encoder", "stillroom.train.encoder:EncoderStudent"),
     "lora": ("stillroom.train.lora:train_lora", "stillroom.train.lora:LoraStudent"),
+    "full": ("stillroom.train.lora:train_full", "stillroom.train.lora:LoraStudent"),
 }
 
 

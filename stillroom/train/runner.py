@@ -10,6 +10,7 @@ from typing import Callable
 from stillroom.config import CONFIG_FILE, ConfigError, StudentConfig
 from stillroom.curate.lock import check_no_leakage, verify_lock
 from stillroom.project import Project, ProjectError
+from stillroom.store import tables as T
 from stillroom.store.records import finish_run, latest_run, start_run
 from stillroom.train.registry import trainer
 
@@ -23,7 +24,32 @@ def _student_args(student: StudentConfig):
 
     return LoraConfig(base_model=student.base_model, rank=student.rank, alpha=student.alpha,
                       learning_rate=student.learning_rate, epochs=student.epochs,
-                      batch_size=student.batch_size, seed=student.seed)
+                      batch_size=student.batch_size, seed=student.seed,
+                      full=student.kind == "full", quantization=student.quantization,
+                      checkpoint_every=student.checkpoint_every)
+
+
+def student_format(project: Project) -> str:
+    """The task's student input template with everything but `{input}` filled in (labels, the
+    schema), so a saved student formats its inputs on its own."""
+    marker = "\u0000STILLROOM-INPUT\u0000"
+    rendered = project.task.student_input(marker)
+    return rendered.replace("{", "{{").replace("}", "}}").replace(marker, "{input}")
+
+
+def _resumable_run(conn, name: str, fp: str, folder) -> int | None:
+    """A run of these same inputs that failed or was killed, with a checkpoint left to resume from."""
+    from sqlalchemy import select
+
+    from stillroom.train.lora import CHECKPOINT_DIR
+
+    runs = T.training_runs
+    row = conn.execute(select(runs.c.id, runs.c.status).where(
+        runs.c.student == name, runs.c.data_fingerprint == fp).order_by(runs.c.id.desc()).limit(1)).first()
+    if row is None or row.status not in ("failed", "running"):
+        return None
+    ckpt = folder(row.id) / CHECKPOINT_DIR / "state.pt"
+    return row.id if ckpt.is_file() else None
 
 
 def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -33,21 +59,69 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
     return training_pairs(project)
 
 
+def run_config(student: StudentConfig) -> dict:
+    """The config a run records and is fingerprinted by: the student without its sweep grid
+    (editing the grid does not change what a plain `stillroom train` produces)."""
+    return student.model_dump(mode="json", exclude={"sweep"})
+
+
+def configured_student(project: Project, name: str, overrides: dict | None = None) -> StudentConfig:
+    """The named student from stillroom.yaml, with `overrides` (field -> value) applied and validated."""
+    student = project.config.student(name)
+    if not overrides:
+        return student
+    from pydantic import ValidationError
+
+    try:
+        # Only the fields the file set, plus the overrides: validators that look at which fields
+        # were given (kind-specific settings) see what a user would have written.
+        return StudentConfig.model_validate({**student.model_dump(exclude_unset=True), **overrides})
+    except ValidationError as exc:
+        problems = [f"students.{name}.{'.'.join(str(p) for p in e['loc'])}: "
+                    f"{e['msg'].removeprefix('Value error, ')} (got {e['input']!r})" for e in exc.errors()]
+        raise ConfigError(project.root / CONFIG_FILE, problems) from None
+
+
+def _same_run(conn, name: str, fp: str) -> dict | None:
+    """The newest finished or trial run of `name` with this fingerprint whose folder still exists."""
+    import json
+    from pathlib import Path
+
+    from sqlalchemy import select
+
+    runs = T.TABLES["training_runs"]
+    for row in conn.execute(select(runs).where(
+            runs.c.student == name, runs.c.data_fingerprint == fp,
+            runs.c.status.in_(("finished", "trial"))).order_by(runs.c.id.desc())):
+        run = dict(row._mapping)
+        if run["artifact_path"] and Path(run["artifact_path"]).is_dir():
+            run["config"] = json.loads(run["config"])
+            run["metrics"] = json.loads(run["metrics"] or "{}")
+            return run
+    return None
+
+
 def fingerprint(project: Project, student: StudentConfig, lock_sha: str,
                 train: list[tuple[str, str]], val: list[tuple[str, str]]) -> str:
     """Everything a trained student depends on: data, labels, eval lock, task format and config."""
     h = hashlib.sha256()
     payload = {"train": train, "val": val, "lock": lock_sha, "labels": project.task.labels,
                "format": project.config.task.student_input_format,
-               "student": student.model_dump(mode="json")}
+               "student": run_config(student)}
     h.update(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode())
     return h.hexdigest()
 
 
 def train_student(project: Project, name: str, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
-    """Train the named student unless an identical run already finished; returns the run record."""
-    student = project.config.student(name)
+                  progress: Callable[[int, int], None] | None = None,
+                  overrides: dict | None = None, sweep_id: str | None = None) -> dict:
+    """Train the named student unless an identical run already finished; returns the run record.
+
+    `overrides` replaces config fields for this run only (a sweep point). With `sweep_id` the run
+    is recorded as a trial of that sweep: it does not become the student's current run (the one
+    `eval`, `export` and `serve` use) until the sweep promotes it, and an identical earlier run
+    (finished or trial) is reused instead of trained again."""
+    student = configured_student(project, name, overrides)
     lock = verify_lock(project)
     check_no_leakage(project)
     train, val = training_data(project)
@@ -55,7 +129,7 @@ def train_student(project: Project, name: str, force: bool = False,
         raise ProjectError("the train split is empty; import data and run `stillroom split` first")
     fp = fingerprint(project, student, lock.manifest_sha256, train, val)
     with project.store.engine.connect() as conn:
-        previous = latest_run(conn, name)
+        previous = latest_run(conn, name) if sweep_id is None else _same_run(conn, name, fp)
     if previous and previous["data_fingerprint"] == fp and not force:
         previous["skipped"] = True
         return previous
@@ -64,21 +138,33 @@ def train_student(project: Project, name: str, force: bool = False,
         args = _student_args(student)  # validates the config before a run is recorded
     except ValueError as exc:
         raise ConfigError(project.root / CONFIG_FILE, [f"students.{name}: {exc}"]) from None
+    folder = lambda run_id: project.artifacts / "students" / f"{name}-run{run_id}"  # noqa: E731
     with project.store.engine.begin() as conn:
-        run_id = start_run(conn, name, student.kind, student.model_dump(mode="json"), fp, lock.id)
-    out_dir = project.artifacts / "students" / f"{name}-run{run_id}"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+        run_id = None if force or student.kind == "encoder" else _resumable_run(conn, name, fp, folder)
+        if run_id is not None:  # the trainer finds the checkpoint in the run's folder and resumes
+            conn.execute(T.training_runs.update().where(T.training_runs.c.id == run_id).values(
+                status="running", error=None, sweep_id=sweep_id))
+        else:
+            run_id = start_run(conn, name, student.kind, run_config(student), fp, lock.id)
+            conn.execute(T.training_runs.update().where(T.training_runs.c.id == run_id).values(
+                sweep_id=sweep_id, provenance="trained"))
+            if folder(run_id).exists():
+                shutil.rmtree(folder(run_id))
+    out_dir = folder(run_id)
+    extra = {} if student.kind == "encoder" else {"task": project.task}
     try:
         result = trainer(student.kind)(train, val, project.task.labels, out_dir, args,
-                                       student_format=project.config.task.student_input_format,
-                                       progress=progress)
+                                       student_format=student_format(project), progress=progress, **extra)
+        from stillroom.train.manifest import write_run_manifest
+
+        write_run_manifest(out_dir, student=run_config(student), fingerprint=fp, lock_sha=lock.manifest_sha256,
+                           train=train, val=val, metrics=result.metrics, base_model=getattr(args, "base_model", None))
     except BaseException as exc:
         with project.store.engine.begin() as conn:
             finish_run(conn, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
         raise
     with project.store.engine.begin() as conn:
-        finish_run(conn, run_id, "finished", str(result.path), result.metrics)
-        run = latest_run(conn, name)
+        finish_run(conn, run_id, "trial" if sweep_id else "finished", str(result.path), result.metrics)
+        run = _same_run(conn, name, fp) if sweep_id else latest_run(conn, name)
     run["skipped"] = False
     return run

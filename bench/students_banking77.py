@@ -1,0 +1,113 @@
+"""Every student kind on Banking77 at 1,000 labels and at all 10,003: quality, speed, size, cost.
+
+The test rows are the locked eval (3,080); the train file supplies the teacher's labels (a seeded
+random 1,000 rows, or all of them). Per student: agreement with the teacher on the locked eval,
+training tokens/s (LoRA), single-input latency p50/p95 and batched throughput on this machine,
+size on disk, and cost per million input tokens at the configured hosting price
+(`costs.student_hosting_per_hour`, $0.10/h by default: a small CPU instance) at full utilisation.
+The full-data LoRA run takes about an hour on 2 CPU cores; `--quick` runs 1,000 labels only.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import banking77_project, dataset_dir, write_result
+
+STUDENTS = [
+    {"name": "encoder", "kind": "encoder"},
+    {"name": "encoder_ft", "kind": "encoder", "finetune": True},
+    {"name": "lora", "kind": "lora", "rank": 16, "learning_rate": 3e-4, "epochs": 3, "batch_size": 8},
+]
+HOSTING_PER_HOUR = 0.10
+LATENCY_SAMPLES = 50
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def measure(project, name: str, run: dict, evaluation: dict, eval_inputs: list[str]) -> dict:
+    from stillroom.evaluate.evaluator import load_run_student
+
+    student = load_run_student(project, name, run)
+    student.predict(eval_inputs[:1])  # warm-up
+    latencies = []
+    for text in eval_inputs[:LATENCY_SAMPLES]:
+        t = time.perf_counter()
+        student.predict([text])
+        latencies.append((time.perf_counter() - t) * 1000)
+    latencies.sort()
+    per_s = evaluation["throughput"]["inputs_per_s"]
+    from stillroom.models import smollm2_hf_dir
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    tokens_per_input = statistics.mean(len(tok(t)["input_ids"]) for t in eval_inputs[:500])
+    return {
+        "agreement": round(evaluation["agreement"], 4),
+        "macro_f1": round(evaluation["vs_teacher"]["macro_f1"], 4),
+        "val_agreement": run["metrics"].get("val_agreement"),
+        "train_seconds": run["metrics"].get("train_seconds"),
+        "train_tokens_per_s": run["metrics"].get("train_tokens_per_s"),
+        "latency_ms_p50": round(latencies[len(latencies) // 2], 1),
+        "latency_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
+        "throughput_inputs_per_s": round(per_s, 1),
+        "size_on_disk_mb": round(folder_bytes(run["artifact_path"]) / 1e6, 1),
+        "cost_per_million_input_tokens_usd": round(HOSTING_PER_HOUR / (per_s * 3600) / tokens_per_input * 1e6, 4),
+        "coverage_at_99": round(evaluation["calibration"]["coverage"], 4),
+    }
+
+
+def run_size(data: Path, quick: bool, train_rows: int | None) -> dict:
+    from stillroom.evaluate.evaluator import evaluate_student
+    from stillroom.store.records import split_rows
+    from stillroom.train.runner import train_student
+
+    work = Path(tempfile.mkdtemp(prefix="bench-students-"))
+    try:
+        extra = {"students": STUDENTS, "costs": {"student_hosting_per_hour": HOSTING_PER_HOUR}}
+        project, _, info = banking77_project(work, data, quick, extra=extra, train_rows=train_rows)
+        with project.store.engine.connect() as conn:
+            eval_inputs = [ex.input for ex, _ in split_rows(conn, "eval")]
+        out = {"train_labels": train_rows or "all", "split": info["split"], "students": {}}
+        for spec in STUDENTS:
+            print(f"{spec['name']}: training on {train_rows or 'all'} labels", flush=True)
+            run = train_student(project, spec["name"])
+            evaluation = evaluate_student(project, spec["name"])
+            out["students"][spec["name"]] = measure(project, spec["name"], run, evaluation, eval_inputs)
+            print(json.dumps(out["students"][spec["name"]]), flush=True)
+        project.close()
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(quick: bool = False) -> None:
+    data = dataset_dir("banking77")
+    if data is None:
+        return
+    started = time.perf_counter()
+    sizes = [1000] if quick else [1000, None]
+    results = {str(n or "all"): run_size(data, False, n) for n in sizes}
+    best = {k: max(v["students"].items(), key=lambda kv: kv[1]["agreement"]) for k, v in results.items()}
+    metrics = {"by_train_labels": results,
+               "best": {k: {"student": name, "agreement": m["agreement"]} for k, (name, m) in best.items()}}
+    summary = "; ".join(f"{k} labels: best {name} {m['agreement']:.2%} (" + ", ".join(
+        f"{n} {s['agreement']:.2%}" for n, s in results[k]["students"].items()) + ")"
+        for k, (name, m) in best.items())
+    write_result(
+        "students_banking77", "banking77", quick, metrics,
+        goals={"best_agreement_all_labels": ">= 0.940 (published BERT-base full-data accuracy 93.66%, "
+                                            "Casanueva et al. 2020)",
+               "best_agreement_1000_labels": ">= 0.88", "lora_latency_ms_p50": "<= 20"},
+        config={"students": STUDENTS, "hosting_per_hour_usd": HOSTING_PER_HOUR,
+                "latency": f"batch 1, {LATENCY_SAMPLES} eval inputs, after one warm-up"},
+        seconds=time.perf_counter() - started, summary=summary,
+    )
+    print(json.dumps(metrics["best"], indent=1))
