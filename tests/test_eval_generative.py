@@ -139,8 +139,13 @@ def test_generation_evaluation_scores_text(generation):
     scores = [e["score"] for e in ev["errors"]]
     assert scores == sorted(scores) and ev["n_disagreements"] == len(ev["errors"])
     assert {s["kind"] for s in ev["slices"]["teacher"]["slices"]} == {"length", "source"}
+    # against the teacher a generation student is gated on the share of answers that agree (ROUGE-L >= 0.6),
+    # not on 100 - mean ROUGE-L, which would fail even a perfect paraphrase
+    agree = [e >= 0.6 for e in expected]
+    assert ev["agree_rate"] == pytest.approx(sum(agree) / len(agree))
     verdict = decide(ev, project.config.gate)
-    assert "(rouge_l)" in verdict.message and verdict.gap_points == round((1 - ev["agreement"]) * 100, 2)
+    assert "(rouge_l >= 0.6" in verdict.message and verdict.gap_points == round((1 - ev["agree_rate"]) * 100, 2)
+    assert verdict.ci_low <= verdict.gap_points <= verdict.ci_high
     # calibration from the recorded predictions agrees with the evaluation's own
     cal = calibrate_student(project, "gen")
     assert cal["threshold"] == ev["calibration"]["threshold"]
@@ -196,6 +201,18 @@ def test_llm_judge_command_caches_and_agrees_with_humans(generation):
 
     shown = json.loads(runner.invoke(app, ["judge", "gen", "--show", "-C", str(root), "--json"]).stdout)["gen"]
     assert shown["evaluation_id"] == again["evaluation_id"]
+
+    # once a judge has run, the gate holds the judge's at-or-above rate against the allowed gap
+    from stillroom.evaluate.evaluator import latest_evaluation
+
+    ev = latest_evaluation(project, "gen")
+    assert ev["judge"]["evaluation_id"] == again["evaluation_id"]
+    verdict = decide(ev, project.config.gate)
+    assert "the judge rated the student at or above the teacher" in verdict.message
+    assert verdict.gap_points == round((1 - again["win_rate"]["estimate"]) * 100, 2)
+    assert verdict.ci_high == pytest.approx((1 - again["win_rate"]["low"]) * 100, abs=1e-3)
+    strict = decide(ev, project.config.gate, "strict")
+    assert strict.compared_points == pytest.approx(verdict.ci_high, abs=0.01)
 
 
 def test_generation_report_has_text_metrics_lengths_and_the_judge(generation, tmp_path):

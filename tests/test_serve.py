@@ -410,3 +410,38 @@ def test_local_backend_generates_with_the_embedded_model():
     completion = asyncio.run(backend.chat([{"role": "user", "content": "Say hello."}]))
     assert completion.text.strip()
     assert completion.input_tokens > 0 and 0 < completion.output_tokens <= 4
+
+
+def test_live_traffic_reaches_the_teacher_as_sent_unless_redact_live_is_on(client, gateway, project, teacher):
+    from stillroom.project import Project
+    from stillroom.serve.app import create_app
+
+    text = "I was charged twice, my card is 4111 1111 1111 1111, mail jane.doe@example.com"
+    teacher.answer = "billing"
+    raw = client.chat.completions.with_raw_response.create(
+        model=TEACHER_MODEL, messages=[{"role": "user", "content": text}])
+    assert "x-stillroom-pii-redacted" not in raw.headers
+    assert text in teacher.received[-1]["messages"][0]["content"]  # default: the client's text, deliberately
+
+    config = project.config.model_copy(deep=True)
+    config.curation.pii.redact_live = True
+    redacting = Project(project.root, config)
+    app = create_app(redacting, routing=gateway.app.state.routing)
+    try:
+        with ThreadedServer(app) as server:
+            other = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0, timeout=20)
+            raw = other.chat.completions.with_raw_response.create(
+                model=TEACHER_MODEL, messages=[{"role": "user", "content": text}])
+            assert raw.parse().choices[0].message.content == "billing"
+            assert raw.headers["x-stillroom-pii-redacted"] == "2"
+            prompt = teacher.received[-1]["messages"][0]["content"]
+            assert "[CARD]" in prompt and "[EMAIL]" in prompt
+            assert "4111" not in prompt and "jane.doe" not in prompt
+            own = [{"role": "system", "content": "You sort mail."}, {"role": "user", "content": text}]
+            other.chat.completions.create(model=TEACHER_MODEL, messages=own)
+            assert teacher.received[-1]["messages"] == [
+                own[0], {"role": "user", "content": "I was charged twice, my card is [CARD], mail [EMAIL]"}]
+            row = logged(redacting, raw.parse().id)
+            assert row["input"] == text  # the log stays on this machine, with what the client sent
+    finally:
+        redacting.close()

@@ -200,6 +200,12 @@ def latest_evaluation(project: Project, name: str, kind: str = "eval") -> dict |
     result["evaluation_id"] = row.id
     result["stale"] = status["stale"]
     result["lock_status"] = status if status["stale"] else None
+    if kind == "eval" and result.get("task_type") == "generation":
+        # The gate judges a generation student by the judge's verdicts on the same run, when it has them.
+        judged = latest_evaluation(project, name, "judge")
+        if judged is not None:
+            result["judge"] = {k: judged.get(k) for k in ("evaluation_id", "stale", "win_rate", "outcomes",
+                                                          "n_scored", "strict_win_rate")}
     return result
 
 

@@ -55,6 +55,14 @@ def failing_slices(slices: dict | None, gate: GateConfig) -> list[dict]:
     return [{"kind": s["kind"], "name": s["name"], "n": s["n"], "gap_points": s["gap_points"]} for s in bad]
 
 
+def _fresh_judge(evaluation: dict) -> dict | None:
+    """The judge result attached to a generation evaluation, if it is current and scored anything."""
+    judged = evaluation.get("judge")
+    if not judged or judged.get("stale") or not (judged.get("win_rate") or {}).get("n"):
+        return None
+    return judged
+
+
 def _ci_text(ci: dict | None) -> str:
     if not ci or ci.get("low") is None:
         return "no interval recorded"
@@ -83,9 +91,17 @@ def decide(evaluation: dict, gate: GateConfig, mode: str | None = None) -> GateV
     else:
         reference, student, teacher, n = "teacher", evaluation["agreement"], 1.0, evaluation["vs_teacher"]["n"]
     name = evaluation["student"]
+    ci = (evaluation.get("gap") or {}).get(reference)
+    judged = _fresh_judge(evaluation) if reference == "teacher" else None
+    if judged is not None:  # generation vs the teacher: the judge's at-or-above rate decides
+        win = judged["win_rate"]
+        student, n = win["estimate"], win["n"]
+        ci = {"low": round((1 - win["high"]) * 100, 4), "high": round((1 - win["low"]) * 100, 4),
+              "confidence": win["confidence"]}
+    elif reference == "teacher" and (evaluation.get("gap") or {}).get("teacher", {}).get("basis") == "agree_rate":
+        student = evaluation["agree_rate"]
     gap = round((teacher - student) * 100, 2)
     allowed = gate.allowed_gap_points
-    ci = (evaluation.get("gap") or {}).get(reference)
     has_ci = bool(ci) and ci.get("high") is not None
     if mode == "strict" and not has_ci:
         raise GateError(f"strict mode needs the gap's confidence interval, and the evaluation of '{name}' has "
@@ -98,8 +114,17 @@ def decide(evaluation: dict, gate: GateConfig, mode: str | None = None) -> GateV
 
     metric = evaluation.get("metric") or "accuracy"
     measure = "" if metric == "accuracy" else f" ({metric})"
-    basis = (f"on {n} human-labelled eval examples{measure}: teacher {teacher:.1%}, student {student:.1%}"
-             if reference == "human" else f"agreement with the teacher on {n} eval examples{measure}: {student:.1%}")
+    if reference == "human":
+        basis = f"on {n} human-labelled eval examples{measure}: teacher {teacher:.1%}, student {student:.1%}"
+    elif judged is not None:
+        basis = (f"the judge rated the student at or above the teacher on {student:.1%} of {n} eval examples "
+                 f"(judge evaluation {judged.get('evaluation_id')})")
+    elif "agree_rate" in evaluation and (evaluation.get("gap") or {}).get("teacher", {}).get("basis") == "agree_rate":
+        basis = (f"{student:.1%} of {n} eval answers agree with the teacher's ({metric} >= "
+                 f"{evaluation.get('agreement_threshold', 'the threshold')}; mean {metric} "
+                 f"{evaluation['agreement']:.3f}); run `stillroom judge {name}` to gate on a judge instead")
+    else:
+        basis = f"agreement with the teacher on {n} eval examples{measure}: {student:.1%}"
     ci_part = _ci_text(ci) if has_ci else "no interval recorded"
     if mode == "strict":
         overall = (f"the gap of '{name}' to the teacher has an upper {ci['confidence']:.0%} bound of "

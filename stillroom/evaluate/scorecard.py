@@ -125,7 +125,15 @@ def scorecard(task, rows: list[Scored], gate: GateConfig, task_type: str | None 
     boot = {"n_resamples": gate.bootstrap_resamples, "seed": gate.bootstrap_seed}
     scores = [example_score(task, p, t) for p, t in zip(predicted, teacher)]
     agrees = [example_agrees(task, p, t) for p, t in zip(predicted, teacher)]
-    gap = {"teacher": dict(paired_gap_ci([1.0] * len(rows), scores, **boot), reference="teacher")}
+    if task_type == "generation":
+        # The teacher's text is its own reference, so "100 - mean ROUGE-L" would fail any paraphrase.
+        # Against the teacher a generation student is gated on the share of its answers that agree
+        # (score >= task.agreement_threshold), or on the judge's verdicts when a judge has run (gate.py).
+        gap_teacher = dict(paired_gap_ci([1.0] * len(rows), [float(a) for a in agrees], **boot),
+                           reference="teacher", basis="agree_rate")
+    else:
+        gap_teacher = dict(paired_gap_ci([1.0] * len(rows), scores, **boot), reference="teacher")
+    gap = {"teacher": gap_teacher}
     slices = {"teacher": _slices(task, rows, "teacher", gate)}
     if human_rows:
         gap["human"] = dict(paired_gap_ci([example_score(task, r.teacher, r.human) for r in human_rows],
@@ -142,6 +150,9 @@ def scorecard(task, rows: list[Scored], gate: GateConfig, task_type: str | None 
         "task_type": task_type,
         "metric": vs_teacher["metric"],
         "agreement": vs_teacher["score"],
+        # share of answers that agree with the teacher's (task.agrees): the router's notion of right
+        "agree_rate": sum(agrees) / len(agrees) if agrees else None,
+        "agreement_threshold": task.config.agreement_threshold if task_type == "generation" else None,
         "vs_teacher": vs_teacher,
         "vs_human": {
             "n": len(human_rows),

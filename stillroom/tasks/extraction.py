@@ -18,6 +18,9 @@ from stillroom.tasks.base import ParseError, normalize, shorten
 __all__ = ["ExtractionTask", "canonical_json", "record_fields", "field_overlap"]
 
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+# A PII placeholder (curate/pii.py): a teacher that saw "[EMAIL]" in the input rightly answers it.
+_PLACEHOLDER = re.compile(r"^\[[A-Z][A-Z0-9_]*\]$")
+_STRING_CHECKS = {"pattern", "format", "minLength", "maxLength"}
 
 
 def canonical_json(value) -> str:
@@ -61,6 +64,12 @@ def field_overlap(prediction: str, reference: str) -> tuple[int, int, int]:
     """(matching pairs, pairs predicted, pairs in the reference) for one record."""
     pred, ref = record_fields(prediction), record_fields(reference)
     return sum((pred & ref).values()), sum(pred.values()), sum(ref.values())
+
+
+def _placeholder_ok(error) -> bool:
+    """A string-shape check (an email `pattern`, say) failed only because the value is a placeholder."""
+    return (error.validator in _STRING_CHECKS and isinstance(error.instance, str)
+            and bool(_PLACEHOLDER.match(error.instance)))
 
 
 class ExtractionTask:
@@ -110,7 +119,8 @@ class ExtractionTask:
                 raise ParseError(f"answer {shorten(output)!r} is not a JSON object") from None
         if not isinstance(value, dict):
             raise ParseError(f"answer {shorten(output)!r} is JSON but not an object")
-        error = next(iter(sorted(self._validator.iter_errors(value), key=lambda e: list(e.path))), None)
+        errors = [e for e in self._validator.iter_errors(value) if not _placeholder_ok(e)]
+        error = next(iter(sorted(errors, key=lambda e: list(e.path))), None)
         if error is not None:
             where = "/".join(str(p) for p in error.absolute_path) or "the record"
             raise ParseError(f"answer {shorten(output)!r} does not fit the schema at {where}: {error.message}")

@@ -63,7 +63,8 @@ def _lora_student(model, path: Path, manifest: dict):
     if config.threads:
         torch.set_num_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return LoraStudent(model.eval(), tokenizer, manifest["labels"], manifest["student_format"], config)
+    return LoraStudent(model.eval(), tokenizer, manifest["labels"], manifest["student_format"], config,
+                       task=manifest.get("task"), kind=manifest.get("kind"))
 
 
 def _load_merged(path: Path, manifest: dict):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stillroom.errors import StillroomError
 
-__all__ = ["Decoded", "greedy_decode", "JsonConstraint", "sorted_schema"]
+__all__ = ["Decoded", "greedy_decode", "decode_answers", "json_constraint", "JsonConstraint", "sorted_schema"]
 
 XGRAMMAR_INSTALL = "pip install --no-deps xgrammar apache-tvm-ffi"
 # Extra tokens a record may take after its budget ran out, spent closing what is open.
@@ -173,3 +173,35 @@ def _decode_batch(lm, prompts, eot_id, pad_id, max_new_tokens, constraint) -> li
         cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return [Decoded(tokens[r], logprob[r], count[r], ended[r]) for r in range(n)]
+
+
+def json_constraint(tokenizer, info: dict, vocab_size: int, eot_id: int) -> JsonConstraint | None:
+    """The schema constraint for an extraction task; None for the other task types."""
+    return JsonConstraint(tokenizer, info["schema"], vocab_size, eot_id) if info["type"] == "extraction" else None
+
+
+def decode_answers(lm, tokenizer, eot_id: int, prompts, info: dict, constraint, batch_size: int) -> list:
+    """Greedy answers for a generative task as Predictions: the text (generation) or the record's
+    canonical JSON (extraction), `probs` empty.
+
+    Confidence is the geometric-mean probability of the answer's tokens (end-of-turn included),
+    taken from the distribution each token was picked from; for extraction that is the grammar-
+    masked, renormalised one, so forced tokens (braces, keys) count as certain and the confidence
+    reflects the choices the model actually made. A mean rather than the product, so long answers
+    are not penalised for their length when the router compares them with one threshold."""
+    from stillroom.tasks.extraction import canonical_json
+    from stillroom.train.base import Prediction
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    decoded = greedy_decode(lm, prompts, eot_id, pad_id, info["max_output_tokens"], constraint, batch_size)
+    out = []
+    for d in decoded:
+        text = tokenizer.decode(d.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+        confidence = d.confidence
+        if info["type"] == "extraction":
+            try:
+                text = canonical_json(json.loads(text))
+            except json.JSONDecodeError:  # not closed even in the closing phase: never served by the student
+                confidence = 0.0
+        out.append(Prediction(label=text, confidence=confidence, probs={}))
+    return out

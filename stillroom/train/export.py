@@ -135,10 +135,13 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "student.json").read_text(encoding="utf-8"))
     base = manifest["base_model"]
-    base_dir = resolve_base_model(base["name"] if base["name"] in KNOWN_BASE_MODELS else base["path"])
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    with _quiet():
-        model = PeftModel.from_pretrained(model, run_dir).merge_and_unload()
+    if manifest.get("kind") == "full":  # a full fine-tune is saved as a whole model already
+        model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
+    else:
+        base_dir = resolve_base_model(base["name"] if base["name"] in KNOWN_BASE_MODELS else base["path"])
+        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        with _quiet():
+            model = PeftModel.from_pretrained(model, run_dir).merge_and_unload()
     # The embedded base was converted from a GGUF file and its config still says so, which makes
     # transformers refuse to save it; the weights are plain fp32 by now, and vLLM or transformers
     # must not go looking for that GGUF when they load the merged model.
@@ -452,7 +455,12 @@ def export_student(project, name: str, formats=("all",), evaluate: bool = True,
 
     student = project.config.student(name)  # UnknownStudent names the students there are
     wanted = parse_formats(formats)
-    if student.kind != "lora":
+    if student.kind == "full":  # already a plain model folder: exported like a merged LoRA student
+        named = [formats] if isinstance(formats, str) else list(formats)
+        if "adapter" in named:
+            raise ExportError(f"student '{name}' is a full fine-tune: it has no adapter; export 'merged' instead")
+        wanted = [f for f in wanted if f != "adapter"]
+    elif student.kind != "lora":
         raise ExportError(
             f"student '{name}' is a {student.kind} student: its trained folder (a small head over "
             "the shared MiniLM encoder) is already what gets deployed; exports are for lora students"

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from stillroom.train.base import Prediction, TrainResult
-from stillroom.train.decoding import greedy_decode
+from stillroom.train.decoding import decode_answers, json_constraint
 
 __all__ = ["LoraConfig", "LoraStudent", "train_lora", "train_full"]
 
@@ -146,34 +146,6 @@ def task_info(task) -> dict:
     """What a saved student needs to know about its task to predict on its own."""
     return {"type": task.type, "name": task.name, "metric": task.metric,
             "max_output_tokens": task.max_output_tokens, "schema": getattr(task, "schema", None)}
-
-
-def _student_answers(lm, tokenizer, frame, prompts, info: dict, constraint, batch_size: int) -> list[Prediction]:
-    """Greedy answers for a generative task: text (generation) or canonical JSON (extraction),
-    with the geometric-mean token probability as confidence."""
-    from stillroom.tasks.extraction import canonical_json
-
-    decoded = greedy_decode(lm, prompts, frame[2], _pad_id(tokenizer), info["max_output_tokens"],
-                            constraint, batch_size)
-    out = []
-    for d in decoded:
-        text = tokenizer.decode(d.tokens, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
-        confidence = d.confidence
-        if info["type"] == "extraction":
-            try:
-                text = canonical_json(json.loads(text))
-            except json.JSONDecodeError:
-                confidence = 0.0  # the record could not be closed in budget: never route it to the student
-        out.append(Prediction(label=text, confidence=confidence, probs={}))
-    return out
-
-
-def _constraint(tokenizer, frame, info: dict, vocab_size: int):
-    if info["type"] != "extraction":
-        return None
-    from stillroom.train.decoding import JsonConstraint
-
-    return JsonConstraint(tokenizer, info["schema"], vocab_size, frame[2])
 
 
 # --- scoring -----------------------------------------------------------------------------------
@@ -402,7 +374,7 @@ def train_lora(
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not config.full:
             lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
-    constraint = _constraint(tokenizer, frame, info, head.weight.shape[0]) if generative else None
+    constraint = json_constraint(tokenizer, info, head.weight.shape[0], frame[2])
 
     lengths = [len(p) + len(a) for p, a in zip(train_prompts, train_answers)]
     steps_per_epoch = -(-len(train) // config.batch_size)
@@ -499,7 +471,7 @@ def train_lora(
         model.eval()
         if generative:
             with autocast:
-                predicted = _student_answers(lm, tokenizer, frame, val_prompts, info, constraint, 16)
+                predicted = decode_answers(lm, tokenizer, frame[2], val_prompts, info, constraint, 16)
             scores = [task.score(p.label, y) for p, (_, y) in zip(predicted, val)]
             agreement = sum(task.agrees(p.label, y) for p, (_, y) in zip(predicted, val)) / len(val)
             score = sum(scores) / len(scores)
@@ -554,7 +526,7 @@ def train_lora(
         "metrics": metrics,
     }
     (out_dir / "student.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    del model, base, optimizer
+    del model, base
     return TrainResult(path=out_dir, metrics=metrics)
 
 
@@ -628,9 +600,9 @@ class LoraStudent:
         if self.task["type"] != "classification":
             if self.task["type"] == "extraction" and self._constraint is None:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
-                self._constraint = _constraint(self.tokenizer, self._frame, self.task, vocab)
-            return _student_answers(self.model, self.tokenizer, self._frame, prompts, self.task,
-                                    self._constraint, batch_size)
+                self._constraint = json_constraint(self.tokenizer, self.task, vocab, self._frame[2])
+            return decode_answers(self.model, self.tokenizer, self._frame[2], prompts, self.task,
+                                  self._constraint, batch_size)
         probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
         predictions = []
         for row in probs:
