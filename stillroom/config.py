@@ -175,8 +175,13 @@ def _check_schema(schema: dict) -> None:
 
 
 class TeacherConfig(_Strict):
-    backend: Literal["openai", "litellm", "local", "recorded"] = "recorded"
+    # openai: any OpenAI-compatible URL; litellm: any provider litellm knows; local: an in-process
+    # transformers model; gguf: an in-process GGUF file through llama-cpp-python; recorded: imported answers
+    backend: Literal["openai", "litellm", "local", "gguf", "recorded"] = "recorded"
     model: str = "teacher"
+    # local: an HF model folder (default: the embedded SmolLM2-135M-Instruct); gguf: a .gguf file
+    # (default: the embedded SmolLM2 GGUF). Relative paths are from the project folder.
+    model_path: str | None = None
     base_url: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     price_per_million_input_tokens: Annotated[float, Field(ge=0)] = 2.50

@@ -607,7 +607,7 @@ def augment(project, k: int = 2, labels: list[str] | None = None, flagged_only: 
     if plan.calls:
         from stillroom.backends.registry import teacher_backend
 
-        asyncio.run(run_live(project, plan, teacher_backend(teacher), inner, Budget(limit_usd), progress))
+        asyncio.run(run_live(project, plan, teacher_backend(teacher, project.root), inner, Budget(limit_usd), progress))
     for name in ("calls_paid", "calls_failed", "calls_not_sent", "resumed_in_flight", "retries", "spent_usd",
                  "projected_usd", "stopped", "failures"):
         setattr(report, name, getattr(inner, name))

@@ -252,7 +252,7 @@ def run_batch(project, plan: Plan, report: LabelReport, budget: Budget, wait: bo
         from stillroom.label.engine import run_live
 
         plan.only = set(plan.live_pending)
-        asyncio.run(run_live(project, plan, teacher_backend(teacher), report, budget))
+        asyncio.run(run_live(project, plan, teacher_backend(teacher, project.root), report, budget))
         plan.only = None
         plan.in_batch |= plan.live_pending
     client = BatchClient(teacher.base_url, teacher.api_key_env, teacher.timeout_s)

@@ -574,14 +574,14 @@ def label_examples(project, example_ids: list[int] | None = None, limit: int | N
     if backend is None and cfg.teacher.backend == "recorded":
         raise LabelingError(
             "teacher.backend is 'recorded' (answers imported from logs), so there is no teacher to ask: set "
-            "teacher.backend to 'openai' (with teacher.base_url), 'litellm' or 'local' in stillroom.yaml")
+            "teacher.backend to 'openai' (with teacher.base_url), 'litellm', 'local' or 'gguf' in stillroom.yaml")
     if batch and use_ray:
         raise LabelingError("choose one of --batch (the provider's batch API) and --ray (fan-out over Ray)")
     limit_usd = max_cost if max_cost is not None else cfg.labeling.max_cost_usd
     if backend is not None:
         structured = bool(getattr(backend, "supports_response_format", False))
     else:  # batch files and Ray workers go to the configured backend
-        structured = cfg.teacher.backend in ("openai", "litellm")
+        structured = cfg.teacher.backend in ("openai", "litellm", "gguf")
     redactor = Redactor.for_project(project, redact)
     plan = make_plan(project, example_ids, limit, structured=structured, redactor=redactor)
     redactor.record(project.store.engine)  # the copies that go out, before anything is sent
@@ -606,7 +606,7 @@ def label_examples(project, example_ids: list[int] | None = None, limit: int | N
         if backend is None:
             from stillroom.backends.registry import teacher_backend
 
-            backend = teacher_backend(cfg.teacher)
+            backend = teacher_backend(cfg.teacher, project.root)
         if use_ray:
             from stillroom.label.ray_runner import run_ray
 

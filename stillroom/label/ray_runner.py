@@ -95,6 +95,8 @@ def run_ray(project, plan: Plan, report: LabelReport, budget: Budget, progress=N
     remote = ray.remote(label_chunk).options(num_cpus=0.5, max_retries=0,
                                              runtime_env={"env_vars": env} if env else None)
     teacher_dict = teacher.model_dump()
+    if teacher_dict.get("model_path"):  # workers do not run in the project folder
+        teacher_dict["model_path"] = str((project.root / teacher_dict["model_path"]).resolve())
 
     calls = plan.calls
     chunk_size = max(8, share["concurrency"] * 2)

@@ -292,7 +292,7 @@ def create_app(project: Project, student: str | None = None, teacher: ChatBacken
     if teacher is None:
         from stillroom.backends.registry import teacher_backend
 
-        teacher = teacher_backend(project.config.teacher)
+        teacher = teacher_backend(project.config.teacher, project.root)
     cfg = project.config
     task = project.task
     routed_model = task.name
