@@ -232,7 +232,18 @@ def test_full_fine_tuning_saves_a_plain_model_folder(tiny_llama_dir, tmp_path):
     student = load_student(result.path)
     assert student.kind == "full"
     task = extraction_task()
-    assert all(task.parse(p.label) == p.label for p in student.predict(["bill from acme paid page 2"]))
+    texts = ["bill from acme paid page 2", "bill from hooli void page 1"]
+    predictions = student.predict(texts)
+    assert all(task.parse(p.label) == p.label for p in predictions)
+
+    # exported like a merged LoRA student: the same answers from the merged folder and from int8
+    from stillroom.train.artifacts import load_artifact
+    from stillroom.train.export import export_int8, export_merged
+
+    merged = export_merged(result.path, tmp_path / "exports" / "merged")
+    assert [p.label for p in load_artifact(merged).predict(texts)] == [p.label for p in predictions]
+    int8 = export_int8(merged, tmp_path / "exports" / "int8")
+    assert all(task.parse(p.label) == p.label for p in load_artifact(int8).predict(texts))
 
 
 def test_qlora_without_cuda_is_one_clear_sentence(tiny_llama_dir, tmp_path):
@@ -339,5 +350,38 @@ def test_train_student_resumes_a_failed_run_of_the_same_inputs(tiny_llama_dir, t
         # --force starts over in a new run
         again = train_student(project, "lora", force=True)
         assert again["id"] != run["id"] and again["metrics"]["resumed_from_step"] is None
+    finally:
+        project.close()
+
+
+def test_a_run_killed_with_sigkill_is_resumed_by_the_next_train(tiny_llama_dir, tmp_path):
+    """kill -9 leaves the run `running` in the store and a checkpoint on disk; the next
+    `stillroom train` continues it."""
+    import signal
+    import subprocess
+    import sys
+
+    from stillroom.train.runner import train_student
+
+    project = extraction_project(tmp_path / "proj", tiny_llama_dir, ", checkpoint_every: 2")
+    project.close()
+    script = (
+        "import os, signal\n"
+        "from stillroom.project import Project\n"
+        "from stillroom.train.runner import train_student\n"
+        "def die(step, total):\n"
+        "    if step == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"train_student(Project.open({str(tmp_path / 'proj')!r}), 'lora', progress=die)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+    from stillroom.project import Project
+
+    project = Project.open(tmp_path / "proj")
+    try:
+        run = train_student(project, "lora")
+        assert run["status"] == "finished" and run["metrics"]["resumed_from_step"] == 4
     finally:
         project.close()

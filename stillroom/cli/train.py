@@ -118,23 +118,23 @@ def sweep(
         winner = result["winner"]
         if kind == "encoder":
             columns = ["run", "head", "status", "val agreement", "train s"]
-            rows = [[r["run_id"] or "-", r["head"], r["status"], pct(r["val_agreement"]), _num(r["train_seconds"], ".1f")]
+            rows = [[r["run_id"] or "-", r["head"], r["status"], pct(r["val_score"]), _num(r["train_seconds"], ".1f")]
                     for r in result["runs"]]
         else:
-            columns = ["run", "rank", "lr", "epochs", "base", "status", "val agreement", "train s", "tokens/s"]
+            columns = ["run", "rank", "lr", "epochs", "base", "status", "val score", "train s", "tokens/s"]
             rows = [[r["run_id"] or "-", r.get("rank", "-"), f"{r['learning_rate']:g}", r["epochs"], Path(r["base_model"]).name,
-                     r["status"], pct(r["val_agreement"]), _num(r["train_seconds"], ".1f"),
+                     r["status"], pct(r["val_score"]), _num(r["train_seconds"], ".1f"),
                      _num(r["train_tokens_per_s"], ".0f")] for r in result["runs"]]
         for row, r in zip(rows, result["runs"]):
             if r is winner:
                 row[0] = f"{row[0]} *"
-        table(f"Sweep {result['sweep_id']} of '{student}' (* = winner: best val agreement, ties to the cheaper config)",
+        table(f"Sweep {result['sweep_id']} of '{student}' (* = winner: best validation score, ties to the cheaper config)",
               columns, rows)
         out = console()
         for r in result["runs"]:
             if r["status"] == "failed":
                 out.print(f"[red]failed[/] {escape(str({k: r[k] for k in _point_keys(r)}))}: {escape(r['error'])}")
-        out.print(f"winner: run {winner['run_id']} with {pct(winner['val_agreement'])} validation agreement")
+        out.print(f"winner: run {winner['run_id']} with {pct(winner['val_score'])} validation score")
         p = result.get("promotion")
         if p is None:
             out.print(f"trial runs only; `stillroom sweep {student} --promote` (same flags, reuses these runs) "

@@ -37,7 +37,7 @@ def load_artifact(path: Path | str):
     path = Path(path)
     manifest = _manifest(path)
     fmt = manifest.get("format")
-    if fmt == "adapter" or (fmt is None and manifest.get("kind") == "lora"):
+    if fmt == "adapter" or (fmt is None and manifest.get("kind") in ("lora", "full")):
         from stillroom.train.lora import LoraStudent
 
         student = LoraStudent.load(path)
@@ -132,6 +132,10 @@ class GGUFStudent:
     def __init__(self, path: Path, manifest: dict, n_threads: int | None = None):
         import os
 
+        task_type = (manifest.get("task") or {}).get("type", "classification")
+        if task_type != "classification":
+            raise ArtifactError(f"the GGUF student answers classification tasks only; for this {task_type} "
+                                "student load the merged or int8 export (or serve the GGUF file with llama.cpp)")
         try:
             import llama_cpp
             from llama_cpp._logger import set_verbose

@@ -129,21 +129,24 @@ def _cost(row: dict) -> tuple:
 
 
 def pick_winner(rows: list[dict]) -> dict | None:
-    """The row with the best validation agreement; ties go to the cheaper config."""
-    done = [r for r in rows if r["status"] != "failed" and r.get("val_agreement") is not None]
+    """The row with the best validation score (agreement for classification; the task's mean metric,
+    e.g. field F1 or ROUGE-L, for extraction and generation); ties go to the cheaper config."""
+    done = [r for r in rows if r["status"] != "failed" and r.get("val_score") is not None]
     if not done:
         return None
-    return min(done, key=lambda r: (-round(r["val_agreement"], 9), _cost(r)))
+    return min(done, key=lambda r: (-round(r["val_score"], 9), _cost(r)))
 
 
 def _row(point: SweepPoint, run: dict | None, error: str | None = None) -> dict:
     row = dict(point.overrides)
     if run is None:
-        return {**row, "run_id": None, "status": "failed", "error": error, "val_agreement": None,
+        return {**row, "run_id": None, "status": "failed", "error": error, "val_agreement": None, "val_score": None,
                 "train_seconds": None, "train_tokens_per_s": None}
     m = run["metrics"]
     return {**row, "run_id": run["id"], "status": "reused" if run.get("skipped") else "trained",
-            "val_agreement": m.get("val_agreement"), "train_seconds": m.get("train_seconds"),
+            "val_agreement": m.get("val_agreement"),
+            "val_score": m["val_score"] if m.get("val_score") is not None else m.get("val_agreement"),
+            "train_seconds": m.get("train_seconds"),
             "train_tokens_per_s": m.get("train_tokens_per_s"), "best_epoch": m.get("best_epoch"),
             "artifact": run["artifact_path"], "trained_in_sweep": run.get("sweep_id")}
 
