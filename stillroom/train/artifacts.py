@@ -114,14 +114,24 @@ def load_int8(path: Path | str):
             setattr(model.get_submodule(parent), attr, linear)
     if model.config.tie_word_embeddings:
         model.tie_weights()
-    return _lora_student(model, path, manifest)
+    # int8 kernels take fp32 activations: no bf16 autocast around them
+    return _lora_student(model, path, {**manifest, "config": {**manifest["config"], "precision": "fp32"}})
 
 
 class GGUFStudent:
-    """A GGUF export served by llama.cpp, scoring every label like `LoraStudent`, in two decodes:
-    the prompt once (sequence 0), then every label's answer tokens in one batch, each label in its
-    own sequence that shares the prompt's KV cells, so it sees the prompt and its own earlier
-    tokens only. Their log-probabilities are summed per label and softmaxed over the labels.
+    """A GGUF export served by llama.cpp, answering like `LoraStudent` for every task type.
+
+    Classification, in two decodes: the prompt once (sequence 0), then every label's answer tokens
+    in one batch, each label in its own sequence that shares the prompt's KV cells, so it sees the
+    prompt and its own earlier tokens only. Their log-probabilities are summed per label and
+    softmaxed over the labels.
+
+    Extraction and generation: greedy decoding as in `stillroom.train.decoding`, `batch_size`
+    inputs at a time, each in its own llama.cpp sequence (one decode for all their prompts, then
+    one decode per step for every unfinished one). Extraction is constrained by the same xgrammar
+    grammar as the torch student (sorted keys, compact separators), built from the GGUF's own
+    vocabulary, with the same closing phase; confidence is the geometric-mean probability of the
+    emitted tokens under the (masked) distribution each was picked from, end-of-turn included.
 
     Uses llama-cpp-python's low-level API: the high-level `Llama` class cannot open a context
     with several sequences, and one decode per label made scoring about twice as slow on
@@ -129,13 +139,9 @@ class GGUFStudent:
 
     kind = "lora"
 
-    def __init__(self, path: Path, manifest: dict, n_threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, n_threads: int | None = None, batch_size: int = 16):
         import os
 
-        task_type = (manifest.get("task") or {}).get("type", "classification")
-        if task_type != "classification":
-            raise ArtifactError(f"the GGUF student answers classification tasks only; for this {task_type} "
-                                "student load the merged or int8 export (or serve the GGUF file with llama.cpp)")
         try:
             import llama_cpp
             from llama_cpp._logger import set_verbose
@@ -148,15 +154,40 @@ class GGUFStudent:
             raise ArtifactError("the GGUF student needs llama-cpp-python >= 0.3.36 (llama.cpp's memory API); "
                                 "pip install -U 'stillroom[gguf-serve]'")
         self._L = L = llama_cpp
+        self.task = manifest.get("task") or {"type": "classification"}
+        self.generative = self.task.get("type", "classification") != "classification"
         self.labels = manifest["labels"]
         self.student_format = manifest["student_format"]
         self.max_input_tokens = manifest["config"]["max_input_tokens"]
         self.frame = manifest["frame_ids"]
-        self.answers = manifest["answer_ids"]
+        self.answers = manifest.get("answer_ids") or []
+        self.batch_size = max(1, batch_size)
         self._model = self._ctx = self._batch = None
+        self._grammar = None  # extraction: compiled on first use (~1 s for SmolLM2's vocabulary)
         prompt_max = len(self.frame["before"]) + self.max_input_tokens + len(self.frame["after"])
-        continuation = sum(len(a) - 1 for a in self.answers)
-        n_ctx = prompt_max + continuation + 8  # one unified cache: the prompt once, every label after it
+        params = L.llama_context_default_params()
+        if self.generative:
+            from stillroom.train.decoding import CLOSING_TOKENS
+
+            closing = CLOSING_TOKENS if self.task["type"] == "extraction" else 0
+            self._limit = self.task["max_output_tokens"] + closing
+            # one KV stream per input: each attends to its own cells only
+            n_seq, per_seq = self.batch_size, prompt_max + self._limit + 8
+            params.n_ctx = n_seq * per_seq
+            params.n_batch = n_seq * prompt_max  # every prompt of a batch in one decode
+            params.n_ubatch = min(params.n_batch, 512)
+            params.n_seq_max = n_seq
+            params.kv_unified = False
+            batch_tokens = params.n_batch
+        else:
+            continuation = sum(len(a) - 1 for a in self.answers)
+            n_ctx = prompt_max + continuation + 8  # one unified cache: the prompt once, every label after it
+            params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+            params.n_seq_max = len(self.answers) + 1
+            params.kv_unified = True  # the labels' sequences share the prompt's cells
+            batch_tokens = n_ctx
+        params.n_threads = params.n_threads_batch = (
+            n_threads or manifest["config"].get("threads") or os.cpu_count() or 1)
         set_verbose(False)
         L.llama_backend_init()
         self._model = L.llama_model_load_from_file(str(path / manifest["gguf_file"]).encode(),
@@ -164,24 +195,18 @@ class GGUFStudent:
         if not self._model:
             raise ArtifactError(f"llama.cpp could not load {path / manifest['gguf_file']}; "
                                 "re-export it with `stillroom export --format gguf-...`")
-        params = L.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_seq_max = len(self.answers) + 1
-        params.kv_unified = True  # the labels' sequences share the prompt's cells
-        params.n_threads = params.n_threads_batch = (
-            n_threads or manifest["config"].get("threads") or os.cpu_count() or 1)
         self._ctx = L.llama_init_from_model(self._model, params)
         if not self._ctx:
             raise ArtifactError(f"llama.cpp could not create a context for {path}")
         self._vocab = L.llama_model_get_vocab(self._model)
         self._n_vocab = L.llama_vocab_n_tokens(self._vocab)
         self._memory = L.llama_get_memory(self._ctx)
-        self._batch = L.llama_batch_init(n_ctx, 0, 1)
+        self._batch = L.llama_batch_init(batch_tokens, 0, 1)
 
     @classmethod
-    def load(cls, path: Path | str, n_threads: int | None = None) -> "GGUFStudent":
+    def load(cls, path: Path | str, n_threads: int | None = None, batch_size: int = 16) -> "GGUFStudent":
         path = Path(path)
-        return cls(path, _manifest(path), n_threads)
+        return cls(path, _manifest(path), n_threads, batch_size)
 
     def close(self) -> None:
         L = self._L
@@ -212,6 +237,18 @@ class GGUFStudent:
             raise ArtifactError(f"llama.cpp could not tokenize an input of {len(data)} bytes")
         return list(buffer[:n])
 
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of answer tokens, control tokens rendered as nothing (`skip_special_tokens=True`)."""
+        if not tokens:
+            return ""
+        ids = (self._L.llama_token * len(tokens))(*tokens)
+        size = 16 * len(tokens) + 16
+        buffer = bytes(size)
+        n = self._L.llama_detokenize(self._vocab, ids, len(tokens), buffer, size, False, False)
+        if n < 0:
+            raise ArtifactError(f"llama.cpp could not detokenize an answer of {len(tokens)} tokens")
+        return buffer[:n].decode("utf-8", "replace")
+
     def prompt_ids(self, text: str) -> list[int]:
         """The chat frame (stored as ids at export) around the formatted input."""
         body = self.tokenize(self.student_format.format(input=text))
@@ -234,6 +271,13 @@ class GGUFStudent:
         row = self._L.llama_get_logits_ith(self._ctx, i)
         return np.ctypeslib.as_array(row, shape=(self._n_vocab,)).copy()
 
+    def _output_logits(self, n: int):
+        """[n, vocab] logits of the last decode's n output rows, in batch order."""
+        import numpy as np
+
+        rows = self._L.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(rows, shape=(n, self._n_vocab)).copy()
+
     def label_logprobs(self, prompt: list[int]) -> list[float]:
         """Summed log-probability of each label's answer tokens given the prompt."""
         n = len(prompt)
@@ -254,10 +298,86 @@ class GGUFStudent:
                 scores[j] += float(_log_softmax(self._logits(i))[target])
         return scores
 
+    # --- extraction and generation ------------------------------------------------------------
+
+    def _json_grammar(self) -> "_GGUFJsonGrammar":
+        if self._grammar is None:
+            vocab = [self._L.llama_vocab_get_text(self._vocab, i) for i in range(self._n_vocab)]
+            self._grammar = _GGUFJsonGrammar(vocab, self.task["schema"], self.frame["end_of_turn"])
+        return self._grammar
+
+    def decode_greedy(self, prompts: list[list[int]]):
+        """Greedy answers (`decoding.Decoded`) for up to `batch_size` token-id prompts, each in its
+        own sequence; the same loop as `decoding._decode_batch`, on llama.cpp's logits."""
+        from stillroom.train.decoding import Decoded
+
+        n, eot = len(prompts), self.frame["end_of_turn"]
+        budget = self.task["max_output_tokens"]
+        grammar = self._json_grammar() if self.task["type"] == "extraction" else None
+        matchers = grammar.matchers(n) if grammar else None
+        self._L.llama_memory_clear(self._memory, True)
+        self._decode([(t, i, r, i == len(p) - 1) for r, p in enumerate(prompts) for i, t in enumerate(p)])
+        logits = self._output_logits(n)
+        rows = list(range(n))  # the sequence behind each logits row
+        positions = [len(p) for p in prompts]
+        tokens: list[list[int]] = [[] for _ in range(n)]
+        logprob, count, ended = [0.0] * n, [0] * n, [False] * n
+        for step in range(self._limit):
+            if grammar:
+                logits = grammar.mask(logits, matchers, rows)
+            logp = _log_softmax(logits)
+            if grammar and step >= budget:  # budget spent: finish the record as fast as allowed
+                choice = (logits + grammar.closing_bonus).argmax(-1)
+            else:
+                choice = logp.argmax(-1)
+            feed = []
+            for k, r in enumerate(rows):
+                token = int(choice[k])
+                logprob[r] += float(logp[k, token])
+                count[r] += 1
+                if grammar:
+                    matchers[r].accept_token(token)
+                if token == eot:
+                    ended[r] = True
+                    continue
+                tokens[r].append(token)
+                if step + 1 >= budget and not grammar:
+                    continue  # generation: the budget is a hard limit
+                feed.append(r)
+            if not feed or step + 1 == self._limit:
+                break
+            self._decode([(tokens[r][-1], positions[r], r, True) for r in feed])
+            for r in feed:
+                positions[r] += 1
+            logits, rows = self._output_logits(len(feed)), feed
+        return [Decoded(tokens[r], logprob[r], count[r], ended[r]) for r in range(n)]
+
+    def _answers(self, texts: list[str]) -> list[Prediction]:
+        import json
+
+        from stillroom.tasks.extraction import canonical_json
+
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            prompts = [self.prompt_ids(t) for t in texts[start : start + self.batch_size]]
+            for d in self.decode_greedy(prompts):
+                text, confidence = self.detokenize(d.tokens).strip(), d.confidence
+                if self.task["type"] == "extraction":
+                    try:
+                        text = canonical_json(json.loads(text))
+                    except json.JSONDecodeError:  # not closed even in the closing phase: never served
+                        confidence = 0.0
+                out.append(Prediction(label=text, confidence=confidence, probs={}))
+        return out
+
     def predict(self, texts: list[str]) -> list[Prediction]:
-        """One prediction per text: the most probable label and every label's probability."""
+        """One prediction per text. Classification: the most probable label and every label's
+        probability. Extraction/generation: the greedy answer (canonical JSON for extraction),
+        confidence = geometric-mean probability of its tokens, `probs` empty."""
         import numpy as np
 
+        if self.generative:
+            return self._answers(list(texts))
         predictions = []
         for text in texts:
             scores = np.array(self.label_logprobs(self.prompt_ids(text)))
@@ -267,6 +387,61 @@ class GGUFStudent:
             predictions.append(Prediction(label=self.labels[best], confidence=float(probs[best]),
                                           probs=dict(zip(self.labels, probs.tolist()))))
         return predictions
+
+
+class _GGUFJsonGrammar:
+    """`decoding.JsonConstraint` for a GGUF student, built from the GGUF's own vocabulary (no HF
+    tokenizer in the export) on numpy logits.
+
+    The export only writes byte-level BPE vocabularies, whose token strings are what an HF fast
+    tokenizer's `get_vocab()` returns, so `TokenizerInfo(vocab, BYTE_LEVEL)` equals what
+    `TokenizerInfo.from_huggingface` builds for the torch student; the schema is sorted and
+    compiled with the same options, and the closing preference is the same ranking."""
+
+    def __init__(self, vocab: list[bytes], schema: dict, eot_id: int):
+        import numpy as np
+
+        from stillroom.train.decoding import _xgrammar, sorted_schema
+
+        xgr = _xgrammar()
+        self.xgr = xgr
+        info = xgr.TokenizerInfo([t.decode("utf-8") for t in vocab], xgr.VocabType.BYTE_LEVEL,
+                                 vocab_size=len(vocab), stop_token_ids=[eot_id], add_prefix_space=False)
+        self.grammar = xgr.GrammarCompiler(info).compile_json_schema(
+            json.dumps(sorted_schema(schema)), any_whitespace=False, separators=(",", ":"), strict_mode=True
+        )
+        self.vocab_size = len(vocab)
+        # the ranking of decoding.JsonConstraint.closing_bonus: end-of-turn, a quote followed only by
+        # closing brackets, closing brackets (longest first), a comma
+        bonus = np.zeros(self.vocab_size, dtype=np.float32)
+        for i, piece in enumerate(info.decoded_vocab[: self.vocab_size]):
+            text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
+            if text.startswith('"') and set(text[1:]) <= set("]}"):
+                bonus[i] = 2e3 + len(text)
+            elif text and set(text) <= set("]}"):
+                bonus[i] = 1e3 + len(text)
+            elif text == ",":
+                bonus[i] = 1e2
+        bonus[eot_id] = 1e4
+        self.closing_bonus = bonus
+        self._bitmask = None
+
+    def matchers(self, n: int) -> list:
+        return [self.xgr.GrammarMatcher(self.grammar) for _ in range(n)]
+
+    def mask(self, logits, matchers, rows):
+        """Logits with every token the grammar forbids (per row's matcher) set to -inf."""
+        import numpy as np
+
+        words = (self.vocab_size + 31) // 32
+        if self._bitmask is None or self._bitmask.shape[0] < len(rows):
+            self._bitmask = np.zeros((len(rows), words), dtype=np.int32)
+        bitmask = self._bitmask
+        for k, r in enumerate(rows):
+            matchers[r].fill_next_token_bitmask(bitmask, k)
+        allowed = np.unpackbits(bitmask[: len(rows)].view(np.uint8), axis=1, bitorder="little")
+        allowed = allowed[:, : logits.shape[1]].astype(bool)
+        return np.where(allowed, logits, -np.inf).astype(np.float32)
 
 
 def _log_softmax(logits):

@@ -417,15 +417,17 @@ def export_gguf(merged_dir: Path, out_dir: Path, qtype: str, tokenizer_source: P
 
 def _token_ids(model_dir: Path, student: dict) -> dict:
     """The chat frame and each label's answer as token ids, encoded exactly as in training, so the
-    GGUF student only tokenizes the user's text (with llama.cpp's own tokenizer)."""
+    GGUF student only tokenizes the user's text (with llama.cpp's own tokenizer). A generative
+    student has no labels: it decodes after the frame and stops at its end-of-turn id."""
     from transformers import AutoTokenizer
 
     from stillroom.train.lora import _chat_frame, _encode_answers
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     frame = _chat_frame(tokenizer)
+    labels = student["labels"]
     return {"frame_ids": {"before": frame[0], "after": frame[1], "end_of_turn": frame[2]},
-            "answer_ids": _encode_answers(tokenizer, frame, student["labels"])}
+            "answer_ids": _encode_answers(tokenizer, frame, labels) if labels else []}
 
 
 # --- a project's student -----------------------------------------------------------------------

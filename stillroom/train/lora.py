@@ -52,6 +52,9 @@ class LoraConfig:
     full: bool = False  # full fine-tuning (every weight trains, no adapter): the `full` student
     quantization: str | None = None  # "4bit": QLoRA (bitsandbytes NF4 base, CUDA only)
     checkpoint_every: int = 50  # optimizer steps between resumable checkpoints; 0 = none
+    # Matmul precision: "bf16" autocast (weights and optimizer stay fp32), "fp32", or "auto": bf16 on
+    # a CUDA GPU, fp32 on a CPU (see autocast_for for the CPU measurement).
+    precision: str = "auto"
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)  # JSON round-trips give a list
@@ -73,6 +76,7 @@ class LoraConfig:
             ("quantization", self.quantization in (None, "4bit"), "None or '4bit'"),
             ("quantization", not (self.full and self.quantization), "None for full fine-tuning"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
+            ("precision", self.precision in ("auto", "bf16", "fp32"), "'auto', 'bf16' or 'fp32'"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -250,6 +254,22 @@ def _inputs_hash(train, val, labels, student_format, config, info) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def autocast_for(precision: str, device: str):
+    """The autocast context for a precision setting on a device (a no-op for fp32).
+
+    `auto` is bf16 on a GPU and fp32 on a CPU. Measured on 2 cores of an AMX CPU (SmolLM2-135M LoRA,
+    300 support-intents examples, same run): bf16 autocast trained at 213 vs 245 tokens/s, cut
+    single-input latency from 101 to 211 ms (fp32 weights are re-cast on every call) and sped up only
+    batch-16 scoring (33 vs 59 ms/input), with test accuracy 75.2% vs 76.4%. So the CPU keeps fp32."""
+    import torch
+
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def _load_base(base_dir: Path, config: LoraConfig, device: str):
     """The base model on `device`: fp32, or 4-bit NF4 for QLoRA (CUDA and bitsandbytes only)."""
     import torch
@@ -389,8 +409,7 @@ def train_lora(
     rng = random.Random(config.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda"
-                else contextlib.nullcontext())
+    autocast = autocast_for(config.precision, device)
 
     # --- resume: a checkpoint of these same inputs in out_dir picks up where it stopped -----------
     inputs_hash = _inputs_hash(train, val, labels, student_format, config, info)
@@ -561,6 +580,7 @@ class LoraStudent:
         self._pad_id = _pad_id(tokenizer)
         self._answers = _encode_answers(tokenizer, self._frame, labels) if labels else []
         self._constraint = None  # compiled on first extraction call (~1 s for SmolLM2's vocabulary)
+        self._autocast = lambda: autocast_for(config.precision, "cpu")  # predicts as it was trained
 
     @classmethod
     def load(cls, path: Path) -> "LoraStudent":
@@ -601,9 +621,11 @@ class LoraStudent:
             if self.task["type"] == "extraction" and self._constraint is None:
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 self._constraint = json_constraint(self.tokenizer, self.task, vocab, self._frame[2])
-            return decode_answers(self.model, self.tokenizer, self._frame[2], prompts, self.task,
-                                  self._constraint, batch_size)
-        probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
+            with self._autocast():
+                return decode_answers(self.model, self.tokenizer, self._frame[2], prompts, self.task,
+                                      self._constraint, batch_size)
+        with self._autocast():
+            probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
         predictions = []
         for row in probs:
             best = max(range(len(self.labels)), key=row.__getitem__)

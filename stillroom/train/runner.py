@@ -19,14 +19,15 @@ def _student_args(student: StudentConfig):
     if student.kind == "encoder":
         from stillroom.train.encoder import EncoderConfig
 
-        return EncoderConfig(head=student.head, seed=student.seed)
+        return EncoderConfig(head=student.head, seed=student.seed, finetune=student.finetune,
+                             finetune_pairs=student.finetune_pairs, finetune_epochs=student.finetune_epochs)
     from stillroom.train.lora import LoraConfig
 
     return LoraConfig(base_model=student.base_model, rank=student.rank, alpha=student.alpha,
                       learning_rate=student.learning_rate, epochs=student.epochs,
                       batch_size=student.batch_size, seed=student.seed,
                       full=student.kind == "full", quantization=student.quantization,
-                      checkpoint_every=student.checkpoint_every)
+                      checkpoint_every=student.checkpoint_every, precision=student.precision)
 
 
 def student_format(project: Project) -> str:
