@@ -399,9 +399,7 @@ class _GGUFJsonGrammar:
     compiled with the same options, and the closing preference is the same ranking."""
 
     def __init__(self, vocab: list[bytes], schema: dict, eot_id: int):
-        import numpy as np
-
-        from stillroom.train.decoding import _xgrammar, sorted_schema
+        from stillroom.train.decoding import _xgrammar, closing_bonus, sorted_schema
 
         xgr = _xgrammar()
         self.xgr = xgr
@@ -411,19 +409,7 @@ class _GGUFJsonGrammar:
             json.dumps(sorted_schema(schema)), any_whitespace=False, separators=(",", ":"), strict_mode=True
         )
         self.vocab_size = len(vocab)
-        # the ranking of decoding.JsonConstraint.closing_bonus: end-of-turn, a quote followed only by
-        # closing brackets, closing brackets (longest first), a comma
-        bonus = np.zeros(self.vocab_size, dtype=np.float32)
-        for i, piece in enumerate(info.decoded_vocab[: self.vocab_size]):
-            text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
-            if text.startswith('"') and set(text[1:]) <= set("]}"):
-                bonus[i] = 2e3 + len(text)
-            elif text and set(text) <= set("]}"):
-                bonus[i] = 1e3 + len(text)
-            elif text == ",":
-                bonus[i] = 1e2
-        bonus[eot_id] = 1e4
-        self.closing_bonus = bonus
+        self.closing_bonus = closing_bonus(info.decoded_vocab, self.vocab_size, eot_id)
         self._bitmask = None
 
     def matchers(self, n: int) -> list:

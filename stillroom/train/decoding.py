@@ -59,6 +59,27 @@ def _xgrammar():
     return xgrammar
 
 
+def closing_bonus(decoded_vocab, vocab_size: int, eot_id: int):
+    """Per-token preference once an extraction answer's budget is spent, added to the logits (the
+    grammar mask still decides what is allowed): end-of-turn; then a token that is a quote followed
+    only by closing brackets (inside a string only such a token can end it: a bare `}]` there would
+    be string content); then closing brackets alone, longest first; then a comma (a required field
+    may still be missing). Shared by the torch and the GGUF students so both close records alike."""
+    import numpy as np
+
+    bonus = np.zeros(vocab_size, dtype=np.float32)
+    for i, piece in enumerate(decoded_vocab[:vocab_size]):
+        text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
+        if text.startswith('"') and set(text[1:]) <= set("]}"):
+            bonus[i] = 2e3 + len(text)
+        elif text and set(text) <= set("]}"):
+            bonus[i] = 1e3 + len(text)
+        elif text == ",":
+            bonus[i] = 1e2
+    bonus[eot_id] = 1e4
+    return bonus
+
+
 class JsonConstraint:
     """A compiled JSON-schema grammar for one tokenizer: every decoded record is valid for the schema.
 
@@ -75,21 +96,7 @@ class JsonConstraint:
             json.dumps(sorted_schema(schema)), any_whitespace=False, separators=(",", ":"), strict_mode=True
         )
         self.vocab_size = vocab_size
-        # Closing preference once the budget is spent: end-of-turn; then a token that is a quote
-        # followed only by closing brackets (inside a string only such a token can end it: a bare
-        # `}]` there would be string content); then closing brackets alone, longest first; then a
-        # comma (a required field may still be missing). The grammar mask decides what is allowed.
-        bonus = torch.zeros(vocab_size)
-        for i, piece in enumerate(info.decoded_vocab[:vocab_size]):
-            text = piece.decode("utf-8", "replace") if isinstance(piece, bytes) else str(piece)
-            if text.startswith('"') and set(text[1:]) <= set("]}"):
-                bonus[i] = 2e3 + len(text)
-            elif text and set(text) <= set("]}"):
-                bonus[i] = 1e3 + len(text)
-            elif text == ",":
-                bonus[i] = 1e2
-        bonus[eot_id] = 1e4
-        self.closing_bonus = bonus
+        self.closing_bonus = torch.from_numpy(closing_bonus(info.decoded_vocab, vocab_size, eot_id))
 
     def matchers(self, n: int) -> list:
         return [self.xgr.GrammarMatcher(self.grammar) for _ in range(n)]
