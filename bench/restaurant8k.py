@@ -97,7 +97,7 @@ def main(quick: bool = False) -> None:
     metrics = {
         "slot_f1": vs.get("field_f1"), "slot_precision": vs.get("field_precision"),
         "slot_recall": vs.get("field_recall"), "exact_match": vs.get("exact_match"),
-        "schema_valid_rate": vs.get("schema_valid_rate"), "per_slot": vs.get("per_field"),
+        "schema_valid_rate": vs.get("validity"), "invalid_answers": vs.get("n_invalid"), "per_slot": vs.get("per_field"),
         "agreement": evaluation["agreement"],
         "coverage_at_target": evaluation["calibration"]["coverage"],
         "coverage_on_eval": evaluation["at_threshold"]["coverage"],
