@@ -55,19 +55,17 @@ def project_yaml(students: str = "  - {name: encoder, kind: encoder}\n", extra: 
 
 
 @pytest.fixture
-def make_project(tmp_path):
-    """make_project(rows=None, students=..., extra=...) -> Project in a fresh temp folder."""
+def yaml_project(tmp_path):
+    """yaml_project(config_text, name="proj") -> a Project opened on exactly that stillroom.yaml;
+    every project opened through it is closed after the test."""
     from stillroom.project import Project, init_project
 
     opened = []
 
-    def make(rows=None, students: str = "  - {name: encoder, kind: encoder}\n", extra: str = "",
-             name: str = "proj") -> "Project":
+    def make(text: str, name: str = "proj") -> "Project":
         root = tmp_path / name
         init_project(root)
-        (root / "stillroom.yaml").write_text(project_yaml(students, extra), encoding="utf-8")
-        if rows is not None:
-            write_chat_jsonl(root / "data.jsonl", rows)
+        (root / "stillroom.yaml").write_text(text, encoding="utf-8")
         project = Project.open(root)
         opened.append(project)
         return project
@@ -75,6 +73,20 @@ def make_project(tmp_path):
     yield make
     for p in opened:
         p.close()
+
+
+@pytest.fixture
+def make_project(yaml_project, tmp_path):
+    """make_project(rows=None, students=..., extra=...) -> Project in a fresh temp folder."""
+
+    def make(rows=None, students: str = "  - {name: encoder, kind: encoder}\n", extra: str = "",
+             name: str = "proj") -> "Project":
+        if rows is not None:
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
+            write_chat_jsonl(tmp_path / name / "data.jsonl", rows)
+        return yaml_project(project_yaml(students, extra), name)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -23,22 +23,8 @@ SPLIT = "split: {train: 0.6, validation: 0.1, calibration: 0.1, eval: 0.2, seed:
 
 
 @pytest.fixture
-def open_project(tmp_path):
-    from stillroom.project import Project, init_project
-
-    opened = []
-
-    def make(task: str, extra: str = ""):
-        root = tmp_path / "proj"
-        init_project(root)
-        (root / "stillroom.yaml").write_text(task + SPLIT + extra, encoding="utf-8")
-        project = Project.open(root)
-        opened.append(project)
-        return project
-
-    yield make
-    for p in opened:
-        p.close()
+def open_project(yaml_project):
+    return lambda task, extra="": yaml_project(task + SPLIT + extra)
 
 
 def extraction(open_project, extra: str = ""):

@@ -43,22 +43,8 @@ def teacher(url: str, labeling: str = "") -> str:
 
 
 @pytest.fixture
-def open_project(tmp_path):
-    from stillroom.project import Project, init_project
-
-    opened = []
-
-    def make(text: str, name: str = "proj"):
-        root = tmp_path / name
-        init_project(root)
-        (root / "stillroom.yaml").write_text(text, encoding="utf-8")
-        project = Project.open(root)
-        opened.append(project)
-        return project
-
-    yield make
-    for p in opened:
-        p.close()
+def open_project(yaml_project):
+    return yaml_project
 
 
 @pytest.fixture

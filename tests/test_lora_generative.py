@@ -72,8 +72,9 @@ def test_constrained_decoding_always_gives_a_schema_valid_record_even_from_a_ran
     also when the token budget runs out in the middle of one (the record is then closed)."""
     task = extraction_task(max_output_tokens=budget)
     texts = [f"input {i} " + " ".join(random.Random(i).sample(VENDORS, 3)) * (i % 4) for i in range(16)]
-    for seed in (0, 1):
+    for seed, dtype in ((0, torch.float32), (1, torch.float32), (1, torch.bfloat16)):  # bf16: `precision: bf16`
         student = random_student(tiny_llama_dir, task, seed)
+        student.model = student.model.to(dtype)
         predictions = student.predict(texts, batch_size=8)
         assert len(predictions) == len(texts)
         for p in predictions:

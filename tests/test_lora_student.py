@@ -100,6 +100,11 @@ def test_label_probabilities_are_the_models_own_likelihoods(trained):
     student = LoraStudent.load(trained[0].path)
     texts = ["apple near my house", "a very big old truck today i saw", "snow"]
     got = student.predict(texts, batch_size=3)
+    fast = LoraStudent.load(trained[0].path)
+    fast.model = fast.model.to(torch.bfloat16)  # what `precision: bf16` serves on a CPU
+    for quick, exact in zip(fast.predict(texts, batch_size=3), got):  # rounding moves probabilities a little
+        assert [quick.probs[label] for label in LABELS] == pytest.approx(
+            [exact.probs[label] for label in LABELS], abs=0.02)
     tok = student.tokenizer
     for text, p in zip(texts, got):
         # SmolLM2's ChatML frame without its default system prompt, spelled out independently
@@ -128,6 +133,41 @@ def test_training_learns_a_separable_task(tiny_model, tmp_path):
     predictions = student.predict([x for x, _ in held_out])
     accuracy = sum(p.label == y for p, (_, y) in zip(predictions, held_out)) / len(held_out)
     assert accuracy >= 0.9
+
+
+def test_bf16_precision_stores_the_frozen_base_in_bf16_and_keeps_the_adapter_in_fp32(tiny_model, tmp_path):
+    """`precision: bf16` on a CPU: the frozen base is loaded in bf16 (cast once, not autocast per call),
+    the trainable LoRA weights stay fp32 for AdamW, and the saved student is served in bf16."""
+    from stillroom.train import lora
+
+    seen = {}
+    real_load = lora._load_base
+
+    def spy(base_dir, config, device):
+        model = real_load(base_dir, config, device)
+        seen["base"] = {p.dtype for p in model.parameters()}
+        seen["attn"] = model.config._attn_implementation
+        return model
+
+    config = LoraConfig(base_model=str(tiny_model), rank=8, alpha=16, dropout=0.0, epochs=3,
+                        batch_size=8, learning_rate=1e-2, threads=2, precision="bf16")
+    lora._load_base = spy
+    try:
+        result = train_lora(toy_pairs(240, 4, fillers=0), toy_pairs(30, 5, fillers=0), LABELS, tmp_path, config)
+    finally:
+        lora._load_base = real_load
+    assert seen == {"base": {torch.bfloat16}, "attn": "eager"}
+    from safetensors.torch import load_file
+
+    assert {t.dtype for t in load_file(str(tmp_path / "adapter_model.safetensors")).values()} == {torch.float32}
+    assert result.metrics["val_agreement"] >= 0.9, result.metrics
+    student = LoraStudent.load(tmp_path)
+    assert {p.dtype for p in student.model.parameters()} == {torch.bfloat16}
+    held_out = toy_pairs(30, 6, fillers=0)
+    predictions = student.predict([x for x, _ in held_out])
+    assert all(abs(sum(p.probs.values()) - 1.0) < 1e-5 for p in predictions)
+    assert sum(p.label == y for p, (_, y) in zip(predictions, held_out)) / len(held_out) >= 0.9
+    assert lora.resolve_precision("auto", "cpu") == "fp32" and lora.resolve_precision("auto", "cuda") == "bf16"
 
 
 def test_config_errors_name_the_field(tiny_model, tmp_path):

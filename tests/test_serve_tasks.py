@@ -44,24 +44,9 @@ class FixedStudent:
 
 
 @pytest.fixture
-def open_project(tmp_path):
-    from stillroom.project import Project, init_project
-
-    opened = []
-
-    def make(task: str, name: str = "proj"):
-        root = tmp_path / name
-        init_project(root)
-        (root / "stillroom.yaml").write_text(
-            task + "teacher: {backend: openai, base_url: 'http://127.0.0.1:9/v1', model: fake-teacher}\n",
-            encoding="utf-8")
-        project = Project.open(root)
-        opened.append(project)
-        return project
-
-    yield make
-    for p in opened:
-        p.close()
+def open_project(yaml_project):
+    teacher = "teacher: {backend: openai, base_url: 'http://127.0.0.1:9/v1', model: fake-teacher}\n"
+    return lambda task, name="proj": yaml_project(task + teacher, name)
 
 
 @pytest.fixture

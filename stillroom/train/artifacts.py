@@ -71,7 +71,11 @@ def _load_merged(path: Path, manifest: dict):
     import torch
     from transformers import AutoModelForCausalLM
 
-    return _lora_student(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), path, manifest)
+    from stillroom.train.lora import inference_dtype
+
+    # stored in fp32; served in the run's precision (bf16 on an AMX CPU), as the trained student is
+    dtype = inference_dtype(manifest["config"].get("precision", "fp32"))
+    return _lora_student(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dtype), path, manifest)
 
 
 def load_int8(path: Path | str):

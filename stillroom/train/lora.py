@@ -203,7 +203,11 @@ def _label_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pad_
     if len(owner) == 0:
         return scores
     targets = torch.tensor([t for a in answers for t in a[1:]], device=dev)
-    rest = head(hidden[:, width:]).float().log_softmax(-1)
+    # The head on a 2-D contiguous slice: a 3-D strided input sends a bf16 linear with a frozen weight
+    # down a batched-matmul path that copies the whole [vocab x hidden] weight on every call (measured
+    # on SmolLM2: 70 ms of a 130 ms single-input prediction).
+    tail = hidden[:, width:].reshape(-1, hidden.shape[-1]).contiguous()
+    rest = head(tail).float().log_softmax(-1).view(n, len(owner), -1)
     rest = rest.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1)
     return scores.index_add(1, owner.to(dev), rest)
 
@@ -254,28 +258,52 @@ def _inputs_hash(train, val, labels, student_format, config, info) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def autocast_for(precision: str, device: str):
-    """The autocast context for a precision setting on a device (a no-op for fp32).
+def resolve_precision(precision: str, device: str) -> str:
+    """`auto` -> bf16 on a GPU, fp32 on a CPU; anything else as given.
 
-    `auto` is bf16 on a GPU and fp32 on a CPU. Measured on 2 cores of an AMX CPU (SmolLM2-135M LoRA,
-    300 support-intents examples, same run): bf16 autocast trained at 213 vs 245 tokens/s, cut
-    single-input latency from 101 to 211 ms (fp32 weights are re-cast on every call) and sped up only
-    batch-16 scoring (33 vs 59 ms/input), with test accuracy 75.2% vs 76.4%. So the CPU keeps fp32."""
+    A CPU with AMX runs bf16 faster, but stays opt-in (`precision: bf16`): in two side-by-side runs
+    on support-intents (SmolLM2-135M LoRA, 300 train rows, about 127 test rows) bf16 scored 1.2 and
+    1.6 points below fp32, inside the noise of that sample but both times lower. The gate
+    re-evaluates the deployed student in the precision it is served at, so opting in is measured."""
+    if precision != "auto":
+        return precision
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def stored_bf16(precision: str, device: str) -> bool:
+    """Whether the frozen weights are *stored* in bf16 (CPU) rather than autocast from fp32 (GPU).
+
+    On a CPU, autocast re-casts every fp32 weight on every call, which ate the gain: measured on
+    2 cores of an AMX CPU (SmolLM2-135M) it trained no faster and doubled single-input latency.
+    Weights stored in bf16 are cast once, at load. Side by side (support-intents, 300 train rows):
+    training 223 -> 286 tokens/s, single-input label scoring 105 -> 68 ms, batch-16 scoring 53 -> 24
+    ms per input."""
+    return device == "cpu" and resolve_precision(precision, device) == "bf16"
+
+
+def autocast_for(precision: str, device: str):
+    """The autocast context for a precision setting on a device: bf16 autocast on a GPU; a no-op
+    on a CPU (bf16 there means weights stored in bf16, see `stored_bf16`) and for fp32."""
     import torch
 
-    if precision == "auto":
-        precision = "bf16" if device == "cuda" else "fp32"
-    if precision == "bf16":
+    if device == "cuda" and resolve_precision(precision, device) == "bf16":
         return torch.autocast(device, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def _load_base(base_dir: Path, config: LoraConfig, device: str):
-    """The base model on `device`: fp32, or 4-bit NF4 for QLoRA (CUDA and bitsandbytes only)."""
+    """The base model on `device`: fp32; bf16 frozen weights for a LoRA on a bf16 CPU (the adapter
+    stays fp32: peft up-casts it); or 4-bit NF4 for QLoRA (CUDA and bitsandbytes only)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     if config.quantization != "4bit":
+        if not config.full and stored_bf16(config.precision, device):
+            # Eager attention: the CPU's flash-attention backward is slow in bf16 (measured: 0.9 s of
+            # a 5.8 s profile for 5 steps, against 0.12 s in fp32); eager trained 243 vs 202 tokens/s.
+            return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16,
+                                                        attn_implementation="eager")
+        # Full fine-tuning keeps fp32 weights: bf16 weights would lose AdamW's small updates.
         return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(device)
     try:
         import bitsandbytes  # noqa: F401
@@ -292,6 +320,13 @@ def _load_base(base_dir: Path, config: LoraConfig, device: str):
     base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": 0},
                                                 dtype=torch.bfloat16)
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
+
+
+def inference_dtype(precision: str):
+    """The dtype a CPU student's weights are loaded in for `precision`."""
+    import torch
+
+    return torch.bfloat16 if stored_bf16(precision, "cpu") else torch.float32
 
 
 def train_lora(
@@ -580,7 +615,8 @@ class LoraStudent:
         self._pad_id = _pad_id(tokenizer)
         self._answers = _encode_answers(tokenizer, self._frame, labels) if labels else []
         self._constraint = None  # compiled on first extraction call (~1 s for SmolLM2's vocabulary)
-        self._autocast = lambda: autocast_for(config.precision, "cpu")  # predicts as it was trained
+        # On a CPU, bf16 is in the stored weights (see `inference_dtype`); autocast is a GPU thing.
+        self._autocast = lambda: autocast_for(config.precision, "cpu")
 
     @classmethod
     def load(cls, path: Path) -> "LoraStudent":
@@ -595,15 +631,17 @@ class LoraStudent:
         config = LoraConfig(**{**manifest["config"], "base_model": str(base_dir)})
         if config.threads:
             torch.set_num_threads(config.threads)
+        dtype = inference_dtype(config.precision)
         if manifest["kind"] == "full":  # a plain Hugging Face model folder
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dtype).eval()
         else:
             from peft import PeftModel
 
             model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
             # Merging folds B @ A into the base weights: inference then costs exactly the base model.
+            # Merged in fp32, then cast once: the bf16 student is the fp32 student rounded.
             with _quiet_peft():
-                model = PeftModel.from_pretrained(model, path).merge_and_unload().eval()
+                model = PeftModel.from_pretrained(model, path).merge_and_unload().to(dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, manifest["labels"], manifest["student_format"], config,
                    task=manifest.get("task"), kind=manifest["kind"])
