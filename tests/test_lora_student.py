@@ -170,6 +170,43 @@ def test_bf16_precision_stores_the_frozen_base_in_bf16_and_keeps_the_adapter_in_
     assert lora.resolve_precision("auto", "cpu") == "fp32" and lora.resolve_precision("auto", "cuda") == "bf16"
 
 
+def test_many_labels_are_pruned_by_their_first_token_with_the_same_argmax(tiny_model):
+    """Above PRUNE_ABOVE_TOKENS, only the labels with the best first-token bounds are scored in full:
+    the answer must be the one scoring every label gives, the labels scored in full must get their
+    exact probabilities' numerators, and the winner's probability may only be under-stated."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stillroom.train import lora
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    words = ["card", "cash", "top", "pin", "transfer", "refund", "rate", "fee", "atm", "age"]
+    labels = [f"{a}_{b}" for a in words for b in words[:6] if a != b][:50]  # shared first tokens, like Banking77
+    frame = lora._chat_frame(tokenizer)
+    answers = lora._encode_answers(tokenizer, frame, labels)
+    assert sum(len(a) - 1 for a in answers) > lora.PRUNE_ABOVE_TOKENS
+    texts = [" ".join(random.Random(i).sample(FILLER, 1 + i % 6)) for i in range(24)]
+    prompts = lora._encode_prompts(tokenizer, frame, texts, "{input}", 96)
+    full = lora._label_probs(model, prompts, answers, 0, batch_size=8, prune=False)
+    pruned = lora._label_probs(model, prompts, answers, 0, batch_size=8)  # pruning chosen by size
+    assert torch.equal(pruned.argmax(1), full.argmax(1))
+    assert torch.allclose(pruned.sum(1), torch.ones(len(texts)), atol=1e-5)
+    best = full.argmax(1)
+    assert (pruned[torch.arange(len(texts)), best] <= full[torch.arange(len(texts)), best] + 1e-5).all()
+    with torch.inference_mode():
+        exact = lora._label_logprobs(model, prompts[:4], answers, 0)
+        some = lora._pruned_label_logprobs(model, prompts[:4], answers, 0, top=3)
+    bounds = lora._first_token_logprobs(model, prompts[:4], 0)[:, [a[0] for a in answers]]
+    scored = bounds >= bounds.topk(3, dim=1).values[:, -1:]  # the top 3 and every label tied with them
+    assert scored.sum() > 4 * 3  # labels share first tokens, so ties are kept
+    assert torch.allclose(some[scored], exact[scored], atol=1e-4)
+    assert (exact <= bounds + 1e-5).all()  # the bound the pruning rests on
+    with torch.inference_mode():  # one label in full: rows whose winner is unclear fall back to every label
+        narrow = lora._pruned_label_logprobs(model, prompts, answers, 0, top=1)
+        everything = lora._label_logprobs(model, prompts, answers, 0)
+    assert torch.equal(narrow.argmax(1), everything.argmax(1))
+
+
 def test_config_errors_name_the_field(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="base_model.*smollm2-135m-instruct"):
         LoraConfig(base_model="no-such-model")

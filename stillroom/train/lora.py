@@ -167,61 +167,130 @@ def _label_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], pad_
     every answer padded to the longest) and 370 ms for packing one prompt+label row per label
     (the prompt recomputed once per label). The LM head only runs where an answer token is predicted.
     """
+    every = list(range(len(answers)))
+    return _candidate_logprobs(lm, prompts, answers, [every] * len(prompts), pad_id)
+
+
+# Many labels: above this many continuation tokens per input (Banking77's 77 labels are 481 on
+# SmolLM2's tokenizer, against ~20 prompt tokens), scoring every label costs ~25 prompts' worth of
+# compute per input. Labels are then pruned by their first token: see `_pruned_label_logprobs`.
+PRUNE_ABOVE_TOKENS = 96
+TOP_LABELS = 8  # labels scored in full per input when pruning
+
+
+def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int):
+    """[len(prompts), vocab] log-probabilities of the token after each (left-padded) prompt."""
+    import torch
+
+    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):] = torch.tensor(p)
+        mask[row, width - len(p):] = 1
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    dev = head.weight.device
+    hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                     use_cache=False).last_hidden_state
+    return head(hidden[:, -1].contiguous()).float().log_softmax(-1)
+
+
+def _candidate_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], candidates: list[list[int]],
+                        pad_id: int):
+    """[len(prompts), len(answers)] summed log-probabilities, filled only where row r lists answer j
+    in `candidates[r]` (-inf elsewhere), in the one-pass layout `_label_logprobs` describes, each row
+    holding its own answers (right-padded to the longest row)."""
     import torch
 
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     n = len(prompts)
-    # One slot per continuation token: which answer it belongs to, and its index within that answer.
-    owner = torch.tensor([j for j, a in enumerate(answers) for _ in a[:-1]], dtype=torch.long)
-    step = torch.tensor([k for a in answers for k in range(len(a) - 1)], dtype=torch.long)
-    width = max(len(p) for p in prompts)
-    total = width + len(owner)
+    slots = [[(j, k, t) for j in row for k, t in enumerate(answers[j][:-1])] for row in candidates]
+    width, cont = max(len(p) for p in prompts), max(len(s) for s in slots)
+    total = width + cont
     ids = torch.full((n, total), pad_id, dtype=torch.long)
-    ids[:, width:] = torch.tensor([t for a in answers for t in a[:-1]], dtype=torch.long)
     real = torch.zeros((n, width), dtype=torch.bool)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) : width] = torch.tensor(p)
-        real[row, width - len(p) :] = True
+    owner = torch.full((n, cont), -1, dtype=torch.long)  # which answer a continuation slot belongs to
+    step = torch.zeros((n, cont), dtype=torch.long)
+    target = torch.zeros((n, cont), dtype=torch.long)  # the token each continuation slot predicts
+    for r, (p, row) in enumerate(zip(prompts, slots)):
+        ids[r, width - len(p):width] = torch.tensor(p)
+        real[r, width - len(p):] = True
+        if row:
+            ids[r, width:width + len(row)] = torch.tensor([t for _, _, t in row])
+            owner[r, :len(row)] = torch.tensor([j for j, _, _ in row])
+            step[r, :len(row)] = torch.tensor([k for _, k, _ in row])
+            target[r, :len(row)] = torch.tensor([answers[j][k + 1] for j, k, _ in row])
+    used = owner >= 0
     positions = torch.cat([(real.cumsum(1) - 1).clamp(min=0), real.sum(1, keepdim=True) + step], 1)
-
     allowed = torch.zeros((n, total, total), dtype=torch.bool)
     allowed[:, :width, :width] = torch.ones((width, width), dtype=torch.bool).tril() & real[:, None, :]
-    allowed[:, width:, :width] = real[:, None, :]
-    allowed[:, width:, width:] = (owner[:, None] == owner[None, :]) & (step[None, :] <= step[:, None])
-    allowed[:, torch.arange(total), torch.arange(total)] = True  # padding rows see themselves: no NaN
-    # Additive float mask: honoured as-is by both the sdpa and the eager attention implementations.
+    allowed[:, width:, :width] = real[:, None, :] & used[:, :, None]
+    allowed[:, width:, width:] = ((owner[:, :, None] == owner[:, None, :]) & (step[:, None, :] <= step[:, :, None])
+                                  & used[:, :, None] & used[:, None, :])
+    allowed[:, torch.arange(total), torch.arange(total)] = True
     dtype = head.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-
     dev = head.weight.device
-    hidden = decoder(
-        input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=positions.to(dev),
-        use_cache=False,
-    ).last_hidden_state
-    first = head(hidden[:, width - 1]).float().log_softmax(-1)  # predicts every answer's first token
-    scores = first[:, [a[0] for a in answers]]
-    if len(owner) == 0:
-        return scores
-    targets = torch.tensor([t for a in answers for t in a[1:]], device=dev)
-    # The head on a 2-D contiguous slice: a 3-D strided input sends a bf16 linear with a frozen weight
-    # down a batched-matmul path that copies the whole [vocab x hidden] weight on every call (measured
-    # on SmolLM2: 70 ms of a 130 ms single-input prediction).
-    tail = hidden[:, width:].reshape(-1, hidden.shape[-1]).contiguous()
-    rest = head(tail).float().log_softmax(-1).view(n, len(owner), -1)
-    rest = rest.gather(-1, targets.expand(n, -1).unsqueeze(-1)).squeeze(-1)
-    return scores.index_add(1, owner.to(dev), rest)
+    hidden = decoder(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=positions.to(dev),
+                     use_cache=False).last_hidden_state
+    # The head only where an answer token is predicted, on 2-D contiguous rows: a 3-D strided input
+    # sends a bf16 linear with a frozen weight down a batched-matmul path that copies the whole
+    # [vocab x hidden] weight on every call (measured on SmolLM2: 70 ms of a 130 ms prediction).
+    first = head(hidden[:, width - 1].contiguous()).float().log_softmax(-1).cpu()
+    scores = torch.full((n, len(answers)), float("-inf"))
+    for r, row in enumerate(candidates):
+        scores[r, row] = first[r, [answers[j][0] for j in row]]
+    rows, cols = used.nonzero(as_tuple=True)
+    if len(rows):
+        rest = head(hidden[rows.to(dev), (width + cols).to(dev)]).float().log_softmax(-1).cpu()
+        rest = rest.gather(1, target[rows, cols][:, None]).squeeze(1)
+        flat = scores.view(-1)
+        flat.index_add_(0, rows * len(answers) + owner[rows, cols], rest)
+    return scores
 
 
-def _label_probs(lm, prompts, answers, pad_id, batch_size: int):
-    """[len(prompts), len(answers)] label probabilities, batched over length-sorted prompts."""
+def _pruned_label_logprobs(lm, prompts, answers, pad_id, top: int = TOP_LABELS):
+    """Label scores for many labels at a fraction of the cost, with the same argmax as scoring all.
+
+    A label's log-probability is at most its first token's, so: one pass over the prompts gives every
+    label's first-token bound; the `top` labels with the highest bounds (and any tied with them) are
+    scored in full; a row whose
+    best full score is below the bound of a label left out (rare) is scored over every label. The
+    labels left out keep their bound as their score, so their probabilities are over-stated and the
+    chosen label's probability (the router's confidence) can only be under-stated, never inflated.
+    Measured on Banking77 (77 labels, SmolLM2-135M): see docs/training.md."""
     import torch
 
+    bounds = _first_token_logprobs(lm, prompts, pad_id).cpu()[:, [a[0] for a in answers]]
+    top = min(top, len(answers))
+    # Every label tied with the top-th bound is kept: labels sharing a first token ("card_arrival",
+    # "card_linking", ...) share a bound, and leaving one of a likely group out would force the fallback.
+    keep = bounds >= bounds.topk(top, dim=1).values[:, -1:]
+    candidates = [row.nonzero(as_tuple=True)[0].tolist() for row in keep]
+    scores = _candidate_logprobs(lm, prompts, answers, candidates, pad_id)
+    best = scores.max(1).values
+    left_out = bounds.masked_fill(keep, float("-inf")).max(1).values
+    for r in (best < left_out).nonzero(as_tuple=True)[0].tolist():  # a left-out label might win
+        scores[r] = _label_logprobs(lm, [prompts[r]], answers, pad_id)[0].cpu()
+    return torch.where(torch.isinf(scores), bounds, scores)
+
+
+def _label_probs(lm, prompts, answers, pad_id, batch_size: int, prune: bool | None = None):
+    """[len(prompts), len(answers)] label probabilities, batched over length-sorted prompts.
+    `prune` (default: above PRUNE_ABOVE_TOKENS continuation tokens) scores many labels by
+    `_pruned_label_logprobs` instead of all of them."""
+    import torch
+
+    if prune is None:
+        prune = sum(len(a) - 1 for a in answers) > PRUNE_ABOVE_TOKENS
+    score = _pruned_label_logprobs if prune else _label_logprobs
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     probs = torch.empty((len(prompts), len(answers)))
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            scores = _label_logprobs(lm, [prompts[i] for i in rows], answers, pad_id)
+            scores = score(lm, [prompts[i] for i in rows], answers, pad_id)
             probs[rows] = scores.softmax(-1).cpu()
     return probs
 
