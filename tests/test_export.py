@@ -325,6 +325,43 @@ def test_gguf_student_predicts_like_the_fp32_student(project, exported):
     assert [p.label for p in got] == [p.label for p in want]
 
 
+@needs_llama_cpp
+def test_gguf_student_prunes_labels_with_the_same_answers(project, exported, monkeypatch):
+    """The GGUF student's many-label pruning, forced on with one label kept: every input gets the label
+    that scoring all labels gives. With the task's labels the kept winner's exact score is below a
+    left-out label's bound (the tiny model is near uniform), so the rest are scored too. With the
+    prompt's likeliest token as a one-token label beside labels that start with its least likely
+    tokens, those keep their bound, above their exact score, and are never decoded."""
+    import numpy as np
+
+    from stillroom.train import lora
+    from stillroom.train.artifacts import load_artifact
+
+    monkeypatch.setattr(lora, "TOP_LABELS", 1)
+    student = load_artifact(exported["gguf-f16"]["path"])
+    task_answers = [list(a) for a in student.answers]
+    for text in eval_texts(project):
+        prompt = student.prompt_ids(text)
+        student.answers = task_answers
+        full = np.array(student.label_logprobs(prompt, prune=False))
+        pruned = np.array(student.label_logprobs(prompt, prune=True))
+        assert pruned.argmax() == full.argmax()
+        assert np.allclose(pruned, full, atol=1e-4)  # the fallback scored every label
+
+        student.answers = [[t] for t in range(student._n_vocab)]  # one-token labels: their first-token scores
+        first = np.array(student.label_logprobs(prompt, prune=False))
+        unlikely = [int(t) for t in np.argsort(first)[:len(task_answers) - 1]]  # the context holds this many
+        student.answers = [[int(first.argmax())]] + [[t, t, 2] for t in unlikely]
+        full = np.array(student.label_logprobs(prompt, prune=False))
+        pruned = np.array(student.label_logprobs(prompt, prune=True))
+        assert pruned.argmax() == full.argmax()
+        assert abs(pruned.max() - full.max()) < 1e-4  # the winner is scored exactly
+        assert (pruned >= full - 1e-4).all()
+        extra = np.arange(1, len(student.answers))
+        assert np.allclose(pruned[extra], first[unlikely], atol=1e-4)  # left at their bound
+        assert (pruned[extra] > full[extra] + 1e-3).all()  # which is above what decoding them gives
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 

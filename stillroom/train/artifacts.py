@@ -282,15 +282,41 @@ class GGUFStudent:
         rows = self._L.llama_get_logits(self._ctx)
         return np.ctypeslib.as_array(rows, shape=(n, self._n_vocab)).copy()
 
-    def label_logprobs(self, prompt: list[int]) -> list[float]:
-        """Summed log-probability of each label's answer tokens given the prompt."""
+    def label_logprobs(self, prompt: list[int], prune: bool | None = None) -> list[float]:
+        """Summed log-probability of each label's answer tokens given the prompt.
+
+        Many labels (over `PRUNE_ABOVE_TOKENS` continuation tokens, or `prune=True`) are pruned as
+        the torch student prunes them (`lora._pruned_label_logprobs`): the labels with the best
+        first-token bounds, and those tied with them, are scored; the rest keep their bound unless
+        one of them could still win, and then they are scored too, from the prompt's cells."""
+        from stillroom.train.lora import PRUNE_ABOVE_TOKENS, TOP_LABELS
+
         n = len(prompt)
         self._L.llama_memory_clear(self._memory, True)
         self._decode([(t, i, 0, i == n - 1) for i, t in enumerate(prompt)])
         first = _log_softmax(self._logits(n - 1))
-        scores = [float(first[a[0]]) for a in self.answers]
+        bounds = [float(first[a[0]]) for a in self.answers]
+        scores = list(bounds)
+        if prune is None:
+            prune = sum(len(a) - 1 for a in self.answers) > PRUNE_ABOVE_TOKENS
+        everything = range(len(self.answers))
+        if not prune:
+            self._add_continuations(everything, scores, n)
+            return scores
+        kth = sorted(bounds, reverse=True)[min(TOP_LABELS, len(bounds)) - 1]
+        kept = [j for j in everything if bounds[j] >= kth]
+        self._add_continuations(kept, scores, n)
+        left = [j for j in everything if bounds[j] < kth]
+        if left and max(scores[j] for j in kept) < max(bounds[j] for j in left):
+            self._add_continuations(left, scores, n)
+        return scores
+
+    def _add_continuations(self, labels, scores: list[float], n: int) -> None:
+        """Add to `scores[j]` the log-probabilities of label j's tokens after its first, each label in
+        its own sequence sharing the prompt's cells (sequence 0, `n` tokens), all in one decode."""
         rest, owners = [], []
-        for j, answer in enumerate(self.answers):
+        for j in labels:
+            answer = self.answers[j]
             if len(answer) > 1:
                 self._L.llama_memory_seq_cp(self._memory, 0, j + 1, -1, -1)
             for k, token in enumerate(answer[:-1]):
@@ -300,7 +326,6 @@ class GGUFStudent:
             self._decode(rest)
             for i, (j, target) in enumerate(owners):
                 scores[j] += float(_log_softmax(self._logits(i))[target])
-        return scores
 
     # --- extraction and generation ------------------------------------------------------------
 
