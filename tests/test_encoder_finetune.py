@@ -1,4 +1,5 @@
-"""The fine-tuned encoder student: contrastive pairs tune the MiniLM body, then the head is fitted."""
+"""The fine-tuned encoder student: same-label pairs with in-batch negatives tune the MiniLM body, then
+the head is fitted (its C chosen by cross-validation when validation is small)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,38 @@ import pytest
 
 from conftest import LABELS, synthetic_rows
 from stillroom.models import file_sha256
-from stillroom.train.encoder import (ENCODER_DIR, EncoderConfig, EncoderStudent, contrastive_pairs, embed,
-                                     train_encoder)
+from stillroom.train.encoder import (ENCODER_DIR, EncoderConfig, EncoderStudent, anchor_positive_pairs,
+                                     distinct_label_batches, embed, train_encoder)
 
 
-def test_pairs_are_half_same_label_and_cover_every_text():
-    texts = [f"t{i}" for i in range(10)]
-    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2]
-    pairs = contrastive_pairs(texts, labels, 40, seed=1)
-    assert len(pairs) == 40
+def test_pairs_pair_each_anchor_with_another_text_of_its_label():
+    texts = [f"t{i}" for i in range(11)]
+    labels = [0, 0, 0, 1, 1, 1, 2, 2, 2, 2, 3]  # label 3 has one text: it cannot be an anchor
+    rows = anchor_positive_pairs(texts, labels, per_pass=100, passes=3, seed=1)
+    assert len(rows) == 3 * 10
     index = {t: labels[i] for i, t in enumerate(texts)}
-    for a, b, score in pairs:
-        assert score == (1.0 if index[a] == index[b] else 0.0) and a != b
-    assert sum(s for _, _, s in pairs) == 20
-    assert {a for a, _, _ in pairs} == set(texts)
+    for anchor, positive, label in rows:
+        assert anchor != positive and index[anchor] == index[positive] == label
+    for k in range(3):  # every pass covers every usable text once
+        assert sorted(a for a, _, _ in rows[10 * k:10 * (k + 1)]) == sorted(texts[:10])
+    assert len(anchor_positive_pairs(texts, labels, per_pass=4, passes=2)) == 8  # a sample per pass
     with pytest.raises(ValueError, match="at least 2 distinct labels"):
-        contrastive_pairs(["a", "b"], [0, 0], 4)
+        anchor_positive_pairs(["a", "b"], [0, 0], 4, 1)
+    with pytest.raises(ValueError, match="at least 2 training examples"):
+        anchor_positive_pairs(["a", "b"], [0, 1], 4, 1)
+
+
+def test_batches_never_repeat_a_label_and_cover_every_row():
+    import random
+
+    rng = random.Random(7)
+    labels = [rng.randrange(5) for _ in range(200)]
+    batches = distinct_label_batches(labels, batch_size=32, seed=3)
+    assert sorted(i for b in batches for i in b) == list(range(200))
+    assert all(len({labels[i] for i in b}) == len(b) for b in batches)
+    assert max(len(b) for b in batches) == 5  # five labels: at most five rows per batch
+    assert batches != distinct_label_batches(labels, batch_size=32, seed=4)  # reshuffled per epoch
+    assert distinct_label_batches(labels, 32, seed=3) == batches
 
 
 def test_config_errors_name_the_field():
@@ -33,7 +50,7 @@ def test_config_errors_name_the_field():
 
     from stillroom.config import StudentConfig
 
-    assert StudentConfig(name="e", kind="encoder", finetune=True).finetune_pairs == 4000
+    assert StudentConfig(name="e", kind="encoder", finetune=True).finetune_epochs == 4
     with pytest.raises(ValidationError, match="finetune applies to kind 'encoder' only"):
         StudentConfig(name="l", kind="lora", finetune=True)
 
@@ -42,7 +59,7 @@ def test_finetuned_student_trains_saves_reloads_and_predicts(tmp_path, capsys):
     rows = synthetic_rows(n_per_label=16, seed=3)
     labels = list(LABELS)
     train, val = rows[:36], rows[36:]
-    config = EncoderConfig(finetune=True, finetune_pairs=64, finetune_batch_size=32, seed=0)
+    config = EncoderConfig(finetune=True, finetune_pairs=64, finetune_epochs=2, finetune_batch_size=32, seed=0)
     steps = []
     result = train_encoder(train, val, labels, tmp_path / "s", config, progress=lambda d, t: steps.append((d, t)))
 
@@ -51,8 +68,11 @@ def test_finetuned_student_trains_saves_reloads_and_predicts(tmp_path, capsys):
     assert manifest["encoder_dir"] == ENCODER_DIR
     assert manifest["encoder_sha256"] == file_sha256(body / "model.safetensors")
     assert manifest["config"]["finetune"] is True
-    assert result.metrics["finetune_pairs"] == 64 and result.metrics["finetune_steps"] == 2
-    assert steps[-1] == (2, 2)
+    # 36 anchors per pass, 2 passes; at most one pair per label in a batch: 3 labels, 24 steps or more
+    # (uneven label counts leave some batches short)
+    assert result.metrics["finetune_pairs"] == 72 and 24 <= result.metrics["finetune_steps"] <= 36
+    assert steps[-1] == (result.metrics["finetune_steps"],) * 2
+    assert result.metrics["C_chosen_by"] == "cross-validation"  # 12 validation rows are too few
     assert "train_runtime" not in capsys.readouterr().out  # `stillroom train --json` stays parseable
 
     student = EncoderStudent.load(tmp_path / "s")

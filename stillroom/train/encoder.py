@@ -1,7 +1,7 @@
 """The `encoder` student: all-MiniLM-L6-v2 sentence embeddings + a logistic-regression (or MLP) head.
 
-Recipe: [optionally fine-tune the MiniLM body on contrastive pairs built from the training labels,
-SetFit-style] -> embed -> pick the regularisation strength on validation agreement -> fit -> save
+Recipe: [optionally fine-tune the MiniLM body on same-label pairs with in-batch negatives] -> embed ->
+pick the regularisation strength (cross-validated on a small split, else on validation) -> fit -> save
 the head as plain arrays (npz, no pickle) next to a `student.json` manifest. A fine-tuned body is
 saved in the student folder (`encoder/`) and used by `EncoderStudent.load`.
 """
@@ -18,7 +18,10 @@ from typing import Callable
 
 from stillroom.train.base import Prediction, TrainResult
 
-C_GRID = (1.0, 4.0, 16.0, 64.0)
+C_GRID = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
+# Below this many validation rows C is chosen by 3-fold cross-validation on the training split: on
+# Banking77 with 1,000 labels the 65 validation rows tied C=4 with C=256 (eval 78.8% vs 82.7%).
+CV_BELOW_VAL_ROWS = 300
 
 
 ENCODER_DIR = "encoder"  # the fine-tuned body, inside the student folder
@@ -32,10 +35,10 @@ class EncoderConfig:
     seed: int = 0
     batch_size: int = 64  # texts per embedding batch
     finetune: bool = False  # contrastive fine-tune of the MiniLM body before the head is fitted
-    finetune_pairs: int = 4000  # sentence pairs built from the training labels (half same-label)
-    finetune_epochs: int = 1  # passes over those pairs
-    finetune_batch_size: int = 32  # pairs per optimizer step
-    finetune_learning_rate: float = 2e-5
+    finetune_pairs: int = 4000  # anchors per pass (every training text when there are fewer)
+    finetune_epochs: int = 4  # passes, each pairing its anchors with fresh same-label positives
+    finetune_batch_size: int = 32  # pairs per optimizer step (at most one per label)
+    finetune_learning_rate: float = 5e-5
 
     def __post_init__(self) -> None:
         if self.head not in ("logreg", "mlp"):
@@ -82,12 +85,10 @@ def embed(texts: list[str], batch_size: int = 64, model_path: str | None = None,
     return np.concatenate(chunks) if chunks else np.zeros((0, 384), dtype="float32")
 
 
-def contrastive_pairs(texts: list[str], labels: list[int], n_pairs: int, seed: int = 0):
-    """SetFit-style pairs: (a, b, 1.0) for two texts with the same label, (a, b, 0.0) otherwise.
-
-    Anchors cycle through every training text in a shuffled order, each giving one positive pair
-    (when its label has another example) and one negative pair, until ``n_pairs`` are made.
-    """
+def anchor_positive_pairs(texts: list[str], labels: list[int], per_pass: int, passes: int, seed: int = 0):
+    """(anchor, positive, label) rows for in-batch-negatives training: each pass takes up to
+    ``per_pass`` training texts (all of them when there are fewer, a fresh seeded sample otherwise),
+    each paired with another text of its label. A text whose label has no other example is skipped."""
     import random
 
     rng = random.Random(seed)
@@ -96,29 +97,73 @@ def contrastive_pairs(texts: list[str], labels: list[int], n_pairs: int, seed: i
         by_label.setdefault(y, []).append(i)
     if len(by_label) < 2:
         raise ValueError("contrastive fine-tuning needs at least 2 distinct labels in the training split")
-    pairs: list[tuple[str, str, float]] = []
-    order = list(range(len(texts)))
-    while len(pairs) < n_pairs:
-        rng.shuffle(order)
-        for i in order:
-            same = by_label[labels[i]]
-            if len(same) > 1:
-                j = rng.choice(same)
-                while j == i:
-                    j = rng.choice(same)
-                pairs.append((texts[i], texts[j], 1.0))
-            j = rng.randrange(len(texts))
-            while labels[j] == labels[i]:
-                j = rng.randrange(len(texts))
-            pairs.append((texts[i], texts[j], 0.0))
-            if len(pairs) >= n_pairs:
-                break
-    return pairs[:n_pairs]
+    usable = [i for i in range(len(texts)) if len(by_label[labels[i]]) > 1]
+    if not usable:
+        raise ValueError("contrastive fine-tuning needs a label with at least 2 training examples")
+    rows: list[tuple[str, str, int]] = []
+    for _ in range(passes):
+        anchors = rng.sample(usable, min(per_pass, len(usable)))
+        for i in anchors:
+            j = rng.choice(by_label[labels[i]])
+            while j == i:
+                j = rng.choice(by_label[labels[i]])
+            rows.append((texts[i], texts[j], labels[i]))
+    return rows
+
+
+def distinct_label_batches(labels: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    """Row indices in seeded random order, cut into batches in which no two rows share a label: with
+    in-batch negatives, two anchors of one label would be pushed apart as if they were different.
+    A batch holds at most one row per label, so tasks with few labels get small batches."""
+    import random
+
+    pending = list(range(len(labels)))
+    random.Random(seed).shuffle(pending)
+    size = min(batch_size, len(set(labels)))
+    batches = []
+    while pending:  # each sweep fills one batch in order and leaves the rest for the next
+        batch, seen, rest = [], set(), []
+        for i in pending:
+            if len(batch) < size and labels[i] not in seen:
+                batch.append(i)
+                seen.add(labels[i])
+            else:
+                rest.append(i)
+        batches.append(batch)
+        pending = rest
+    return batches
+
+
+def _distinct_label_sampler(seed: int):
+    """A sentence-transformers batch sampler over `distinct_label_batches`, reshuffled each epoch."""
+    from sentence_transformers.sampler import DefaultBatchSampler
+
+    class _Sampler(DefaultBatchSampler):
+        def __init__(self, dataset, **kwargs):
+            super().__init__(dataset, **kwargs)
+            self.labels = list(dataset["label"])
+
+        def _batches(self):
+            return distinct_label_batches(self.labels, self.batch_size, seed + self.epoch)
+
+        def __iter__(self):
+            yield from self._batches()
+
+        def __len__(self):
+            return len(self._batches())
+
+    return _Sampler
 
 
 def finetune_body(texts: list[str], labels: list[int], out: Path, config: EncoderConfig,
                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Fine-tune a fresh MiniLM on contrastive pairs (CosineSimilarityLoss) and save it to ``out``."""
+    """Fine-tune a fresh MiniLM on (anchor, same-label positive) pairs with in-batch negatives
+    (MultipleNegativesRankingLoss, batches without repeated labels) and save it to ``out``.
+
+    Measured on Banking77 with 1,000 labels (840 training rows, 3,080 test rows, logistic head at
+    C=64): frozen MiniLM 81.9%, this recipe 84.3%, end-to-end cross-entropy fine-tuning 81.3%,
+    batch-all triplet loss 67.5%; SetFit-style cosine pairs (the previous recipe) scored below frozen.
+    """
     import tempfile
 
     import torch
@@ -127,16 +172,16 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
     from datasets import Dataset
     from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
                                        SentenceTransformerTrainingArguments)
-    from sentence_transformers.losses import CosineSimilarityLoss
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
     from stillroom.models import minilm_path
 
     start = time.perf_counter()
-    pairs = contrastive_pairs(texts, labels, config.finetune_pairs, config.seed)
-    data = Dataset.from_dict({"sentence1": [a for a, _, _ in pairs], "sentence2": [b for _, b, _ in pairs],
-                              "score": [s for _, _, s in pairs]})
+    rows = anchor_positive_pairs(texts, labels, config.finetune_pairs, config.finetune_epochs, config.seed)
+    data = Dataset.from_dict({"anchor": [a for a, _, _ in rows], "positive": [b for _, b, _ in rows],
+                              "label": [y for _, _, y in rows]})  # the label column feeds the sampler only
     model = SentenceTransformer(str(minilm_path()))  # a fresh copy: the cached encoder stays frozen
 
     class _Progress(TrainerCallback):
@@ -145,22 +190,22 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
                 progress(state.global_step, state.max_steps)
 
     with tempfile.TemporaryDirectory(prefix="stillroom-st-") as scratch:
+        # One epoch over the pairs: `finetune_epochs` passes were drawn into them, each with fresh partners.
         args = SentenceTransformerTrainingArguments(
-            output_dir=scratch, num_train_epochs=config.finetune_epochs,
-            per_device_train_batch_size=config.finetune_batch_size,
+            output_dir=scratch, num_train_epochs=1, per_device_train_batch_size=config.finetune_batch_size,
             learning_rate=config.finetune_learning_rate, warmup_steps=0.1, seed=config.seed,  # 10% warmup
             data_seed=config.seed, report_to="none", save_strategy="no", logging_strategy="no",
             disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+            batch_sampler=_distinct_label_sampler(config.seed),
         )
         trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                             loss=CosineSimilarityLoss(model), callbacks=[_Progress()])
+                                             loss=MultipleNegativesRankingLoss(model), callbacks=[_Progress()])
         # With tqdm off the Trainer prints its log dicts to stdout; `--json` output must stay clean.
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     out = Path(out)
     model.save(str(out), create_model_card=False)
-    return {"finetune_pairs": len(pairs), "finetune_positive_pairs": sum(1 for p in pairs if p[2] == 1.0),
-            "finetune_steps": trainer.state.global_step,
+    return {"finetune_pairs": len(rows), "finetune_steps": trainer.state.global_step,
             "finetune_seconds": round(time.perf_counter() - start, 3)}
 
 
@@ -172,6 +217,32 @@ def _fit(head: str, X, y, C: float, seed: int):
     from sklearn.linear_model import LogisticRegression
 
     return LogisticRegression(C=C, max_iter=2000).fit(X, y)
+
+
+def _choose_C(config: EncoderConfig, X, y, Xv, yv) -> tuple[dict[float, float], str]:
+    """Agreement per C in `C_GRID`, on validation when it has `CV_BELOW_VAL_ROWS` rows, else by 3-fold
+    cross-validation on the training split; ({}, "default") when both are too small to mean anything."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.model_selection import StratifiedKFold
+
+    scores: dict[float, float] = {}
+    with warnings.catch_warnings():
+        # large C may stop short of convergence (the fit is still usable); tiny classes warn the folds
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        if Xv is not None and len(yv) >= CV_BELOW_VAL_ROWS:
+            for C in C_GRID:
+                scores[C] = float((_fit(config.head, X, y, C, config.seed).predict(Xv) == yv).mean())
+            return scores, "validation"
+        if len(y) < 30:
+            return {}, "default"
+        folds = list(StratifiedKFold(3, shuffle=True, random_state=config.seed).split(X, y))
+        for C in C_GRID:
+            scores[C] = float(sum((_fit(config.head, X[a], y[a], C, config.seed).predict(X[b]) == y[b]).mean()
+                                  for a, b in folds) / len(folds))
+    return scores, "cross-validation"
 
 
 def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labels: list[str], out_dir: Path,
@@ -201,13 +272,8 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
               progress=None if body else progress)
     Xv = embed(fmt(val), config.batch_size, model_path=str(body) if body else None) if val else None
 
-    scores = {}
-    if Xv is not None and len(val) >= 10:  # too few validation rows make the choice noise
-        for C in C_GRID:
-            scores[C] = float((_fit(config.head, X, y, C, config.seed).predict(Xv) == yv).mean())
-        best_C = max(scores, key=lambda c: (scores[c], -c))
-    else:
-        best_C = 16.0
+    scores, chosen_by = _choose_C(config, X, y, Xv, yv)
+    best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else 16.0
     model = _fit(config.head, X, y, best_C, config.seed)
     val_agreement = float((model.predict(Xv) == yv).mean()) if Xv is not None and len(val) else None
 
@@ -220,7 +286,8 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
                  **{f"W{i}": w for i, w in enumerate(model.coefs_)},
                  **{f"b{i}": b for i, b in enumerate(model.intercepts_)})
     seconds = time.perf_counter() - start
-    metrics = {"val_agreement": val_agreement, "C": best_C, "C_scores": {str(k): v for k, v in scores.items()},
+    metrics = {"val_agreement": val_agreement, "C": best_C, "C_chosen_by": chosen_by,
+               "C_scores": {str(k): v for k, v in scores.items()},
                "train_examples": len(train), "train_seconds": round(seconds, 3), **tuning}
     manifest = {"kind": "encoder", "labels": labels, "student_format": student_format,
                 "config": asdict(config), "metrics": metrics, "encoder": "all-MiniLM-L6-v2"}
