@@ -41,6 +41,9 @@ def main(argv: list[str]) -> int:
         kwargs = {"quick": args.quick}
         if args.part is not None or args.students is not None:
             parts = list(getattr(module, "PARTS", []))
+            if not parts:
+                print(f"{name} has no parts: run it without --part/--students", file=sys.stderr)
+                return 2
             if args.part not in parts:
                 print(f"--part {args.part!r}: {name} has parts {parts} (--students needs --part)", file=sys.stderr)
                 return 2
