@@ -254,6 +254,9 @@ class StudentConfig(_Strict):
     finetune: bool = False
     finetune_pairs: Annotated[int, Field(ge=2, le=1_000_000)] = 4000  # anchors per pass (at most)
     finetune_epochs: Annotated[int, Field(gt=0, le=20)] = 4  # passes, fresh positives each
+    # encoder: also try each label's name ("card_arrival" -> "card arrival") as training rows for the
+    # head; kept only when validation (or cross-validation) agreement says they help.
+    label_names: bool = True
     # lora
     base_model: str = "smollm2-135m-instruct"
     rank: Annotated[int, Field(gt=0)] = 16
@@ -277,7 +280,7 @@ class StudentConfig(_Strict):
     def _encoder_deploys_as_trained(self) -> "StudentConfig":
         if self.kind == "encoder" and self.deploy != "fp32":
             raise ValueError("an encoder student deploys as trained: deploy must be 'fp32'")
-        tuning = {"finetune", "finetune_pairs", "finetune_epochs"} & self.model_fields_set
+        tuning = {"finetune", "finetune_pairs", "finetune_epochs", "label_names"} & self.model_fields_set
         if self.kind != "encoder" and tuning:
             raise ValueError(f"{', '.join(sorted(tuning))} applies to kind 'encoder' only")
         return self

@@ -99,3 +99,33 @@ def test_a_frozen_retrain_into_a_tuned_folder_drops_the_tuned_body(tmp_path):
     manifest = json.loads((out / "student.json").read_text())
     assert "encoder_dir" not in manifest
     assert EncoderStudent.load(out).encoder_path is None
+
+
+def test_label_names_join_the_head_only_when_they_score_better(tmp_path):
+    """Label names are tried as extra head rows at every C and kept only when they score better:
+    helpful names ("billing" for billing texts) and misleading ones (the names swapped) are
+    judged by the same cross-validation, and the run records which setting won."""
+    from stillroom.train.encoder import label_name_text
+
+    assert label_name_text("card_arrival") == "card arrival"
+    assert label_name_text("  top-up__failed ") == "top up failed"
+    rows = synthetic_rows(n_per_label=16, seed=5)
+    labels = list(LABELS)
+    result = train_encoder(rows[:40], rows[40:], labels, tmp_path / "named", EncoderConfig())
+    scores = result.metrics["C_scores"]
+    assert {k for k in scores if not k.endswith("+names")} == {f"{C:g}" for C in (1, 4, 16, 64, 256, 1024)}
+    assert {k for k in scores if k.endswith("+names")} == {f"{k}+names" for k in scores if "+" not in k}
+    best = max(scores.values())
+    chosen = f"{result.metrics['C']:g}" + ("+names" if result.metrics["label_name_rows"] else "")
+    assert scores[chosen] == best
+
+    swap = {"billing": "shipping", "shipping": "billing", "other": "other"}
+    swapped = train_encoder([(t, swap[lab]) for t, lab in rows[:40]], [(t, swap[lab]) for t, lab in rows[40:]],
+                            labels, tmp_path / "swapped", EncoderConfig())
+    swapped_scores = swapped.metrics["C_scores"]
+    assert swapped_scores["1+names"] < swapped_scores["1"]  # misleading names cost agreement...
+    assert swapped.metrics["label_name_rows"] is False  # ...and are left out (ties go to leaving them out)
+
+    plain = train_encoder(rows[:40], rows[40:], labels, tmp_path / "plain", EncoderConfig(label_names=False))
+    assert not any(k.endswith("+names") for k in plain.metrics["C_scores"])
+    assert plain.metrics["label_name_rows"] is False

@@ -22,6 +22,9 @@ C_GRID = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 # Below this many validation rows C is chosen by 3-fold cross-validation on the training split: on
 # Banking77 with 1,000 labels the 65 validation rows tied C=4 with C=256 (eval 78.8% vs 82.7%).
 CV_BELOW_VAL_ROWS = 300
+# With `label_names`, each label's name joins the head's training rows this many times, if that
+# scores better on validation (or cross-validation): +1.2 points on Banking77 at 1,000 labels, frozen.
+NAME_ROWS = 3
 
 
 ENCODER_DIR = "encoder"  # the fine-tuned body, inside the student folder
@@ -39,6 +42,7 @@ class EncoderConfig:
     finetune_epochs: int = 4  # passes, each pairing its anchors with fresh same-label positives
     finetune_batch_size: int = 32  # pairs per optimizer step (at most one per label)
     finetune_learning_rate: float = 5e-5
+    label_names: bool = True  # try the label names as extra head rows; kept only when they score better
 
     def __post_init__(self) -> None:
         if self.head not in ("logreg", "mlp"):
@@ -219,30 +223,47 @@ def _fit(head: str, X, y, C: float, seed: int):
     return LogisticRegression(C=C, max_iter=2000).fit(X, y)
 
 
-def _choose_C(config: EncoderConfig, X, y, Xv, yv) -> tuple[dict[float, float], str]:
-    """Agreement per C in `C_GRID`, on validation when it has `CV_BELOW_VAL_ROWS` rows, else by 3-fold
-    cross-validation on the training split; ({}, "default") when both are too small to mean anything."""
+def _choose_head(config: EncoderConfig, X, y, Xv, yv, names) -> tuple[dict[str, float], str]:
+    """Agreement per head setting: each C in `C_GRID`, and with `config.label_names` each C again with
+    the label-name rows `names` = (X, y) added to the training rows. Scored on validation when it has
+    `CV_BELOW_VAL_ROWS` rows, else by 3-fold cross-validation on the training split (name rows only
+    ever join the fitting folds); ({}, "default") when both are too small to mean anything.
+    Keys: "C" or "C+names"."""
     import warnings
 
+    import numpy as np
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.model_selection import StratifiedKFold
 
-    scores: dict[float, float] = {}
+    settings = [(C, False) for C in C_GRID] + ([(C, True) for C in C_GRID] if config.label_names else [])
+
+    def agreement(C, with_names, Xa, ya, Xb, yb):
+        if with_names:
+            Xa, ya = np.concatenate([Xa] + [names[0]] * NAME_ROWS), np.concatenate([ya] + [names[1]] * NAME_ROWS)
+        return float((_fit(config.head, Xa, ya, C, config.seed).predict(Xb) == yb).mean())
+
+    key = lambda C, with_names: f"{C:g}+names" if with_names else f"{C:g}"  # noqa: E731
+    scores: dict[str, float] = {}
     with warnings.catch_warnings():
         # large C may stop short of convergence (the fit is still usable); tiny classes warn the folds
         warnings.simplefilter("ignore", ConvergenceWarning)
         warnings.simplefilter("ignore", UserWarning)
         if Xv is not None and len(yv) >= CV_BELOW_VAL_ROWS:
-            for C in C_GRID:
-                scores[C] = float((_fit(config.head, X, y, C, config.seed).predict(Xv) == yv).mean())
+            for C, with_names in settings:
+                scores[key(C, with_names)] = agreement(C, with_names, X, y, Xv, yv)
             return scores, "validation"
         if len(y) < 30:
             return {}, "default"
         folds = list(StratifiedKFold(3, shuffle=True, random_state=config.seed).split(X, y))
-        for C in C_GRID:
-            scores[C] = float(sum((_fit(config.head, X[a], y[a], C, config.seed).predict(X[b]) == y[b]).mean()
-                                  for a, b in folds) / len(folds))
+        for C, with_names in settings:
+            scores[key(C, with_names)] = float(np.mean([agreement(C, with_names, X[a], y[a], X[b], y[b])
+                                                        for a, b in folds]))
     return scores, "cross-validation"
+
+
+def label_name_text(label: str) -> str:
+    """A label's name as a sentence the encoder can embed: "card_arrival" -> "card arrival"."""
+    return " ".join(label.replace("_", " ").replace("-", " ").split())
 
 
 def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labels: list[str], out_dir: Path,
@@ -272,8 +293,15 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
               progress=None if body else progress)
     Xv = embed(fmt(val), config.batch_size, model_path=str(body) if body else None) if val else None
 
-    scores, chosen_by = _choose_C(config, X, y, Xv, yv)
-    best_C = max(scores, key=lambda c: (scores[c], -c)) if scores else 16.0
+    present = sorted(set(y.tolist()))  # name rows only for labels the head is trained on
+    names = (embed([student_format.format(input=label_name_text(labels[i])) for i in present],
+                   config.batch_size, model_path=str(body) if body else None), np.array(present))
+    scores, chosen_by = _choose_head(config, X, y, Xv, yv, names)
+    # Best agreement; ties go to the smaller C, then to leaving the name rows out.
+    best = max(scores, key=lambda k: (scores[k], -float(k.split("+")[0]), "+" not in k)) if scores else "16"
+    best_C, with_names = float(best.split("+")[0]), best.endswith("+names")
+    if with_names:
+        X, y = np.concatenate([X] + [names[0]] * NAME_ROWS), np.concatenate([y] + [names[1]] * NAME_ROWS)
     model = _fit(config.head, X, y, best_C, config.seed)
     val_agreement = float((model.predict(Xv) == yv).mean()) if Xv is not None and len(val) else None
 
@@ -286,8 +314,8 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
                  **{f"W{i}": w for i, w in enumerate(model.coefs_)},
                  **{f"b{i}": b for i, b in enumerate(model.intercepts_)})
     seconds = time.perf_counter() - start
-    metrics = {"val_agreement": val_agreement, "C": best_C, "C_chosen_by": chosen_by,
-               "C_scores": {str(k): v for k, v in scores.items()},
+    metrics = {"val_agreement": val_agreement, "C": best_C, "label_name_rows": with_names,
+               "C_chosen_by": chosen_by, "C_scores": scores,
                "train_examples": len(train), "train_seconds": round(seconds, 3), **tuning}
     manifest = {"kind": "encoder", "labels": labels, "student_format": student_format,
                 "config": asdict(config), "metrics": metrics, "encoder": "all-MiniLM-L6-v2"}

@@ -20,7 +20,8 @@ def _student_args(student: StudentConfig):
         from stillroom.train.encoder import EncoderConfig
 
         return EncoderConfig(head=student.head, seed=student.seed, finetune=student.finetune,
-                             finetune_pairs=student.finetune_pairs, finetune_epochs=student.finetune_epochs)
+                             finetune_pairs=student.finetune_pairs, finetune_epochs=student.finetune_epochs,
+                             label_names=student.label_names)
     from stillroom.train.lora import LoraConfig
 
     return LoraConfig(base_model=student.base_model, rank=student.rank, alpha=student.alpha,
