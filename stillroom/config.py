@@ -250,7 +250,8 @@ class StudentConfig(_Strict):
     # encoder
     head: Literal["logreg", "mlp"] = "logreg"
     # encoder: fine-tune the MiniLM body on same-label pairs with in-batch negatives before fitting
-    # the head; minutes instead of seconds to train, more accurate (Banking77 1,000 labels: +2.4 points).
+    # the head; minutes instead of seconds to train, more accurate (Banking77: +1.3 points at 1,000
+    # labels, +0.8 at all 10,003).
     finetune: bool = False
     finetune_pairs: Annotated[int, Field(ge=2, le=1_000_000)] = 4000  # anchors per pass (at most)
     finetune_epochs: Annotated[int, Field(gt=0, le=20)] = 4  # passes, fresh positives each

@@ -23,7 +23,8 @@ C_GRID = (1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
 # Banking77 with 1,000 labels the 65 validation rows tied C=4 with C=256 (eval 78.8% vs 82.7%).
 CV_BELOW_VAL_ROWS = 300
 # With `label_names`, each label's name joins the head's training rows this many times, if that
-# scores better on validation (or cross-validation): +1.2 points on Banking77 at 1,000 labels, frozen.
+# scores better on validation (or cross-validation): Banking77 at 1,000 labels, frozen encoder, 82.7% ->
+# 83.2% with C chosen by cross-validation (84.0% at C=256).
 NAME_ROWS = 3
 
 
@@ -147,8 +148,11 @@ def _distinct_label_sampler(seed: int):
             super().__init__(dataset, **kwargs)
             self.labels = list(dataset["label"])
 
-        def _batches(self):
-            return distinct_label_batches(self.labels, self.batch_size, seed + self.epoch)
+        def _batches(self):  # the Trainer asks for len() and iterates: build each epoch's batches once
+            if getattr(self, "_built_for", None) != self.epoch:
+                self._built = distinct_label_batches(self.labels, self.batch_size, seed + self.epoch)
+                self._built_for = self.epoch
+            return self._built
 
         def __iter__(self):
             yield from self._batches()
