@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
                                        "'1000' or 'all' labels); the other parts' results are kept")
     parser.add_argument("--students", help="comma-separated student names to re-run (students_banking77); "
                                            "the others' results in the part are kept")
+    parser.add_argument("--keep", metavar="DIR", help="students_banking77: keep each part's project in DIR/<part> "
+                                                      "and reuse students already trained there")
     args = parser.parse_args(argv)
     if args.list or not args.name:
         for name, what in BENCHMARKS.items():
@@ -50,6 +52,11 @@ def main(argv: list[str]) -> int:
             kwargs["part"] = args.part
             if args.students:
                 kwargs["students"] = args.students.split(",")
+        if args.keep:
+            if name != "students_banking77":
+                print(f"--keep applies to students_banking77, not {name}", file=sys.stderr)
+                return 2
+            kwargs["keep"] = args.keep
         module.main(**kwargs)
     return 0
 

@@ -7,7 +7,9 @@ size on disk, and cost per million input tokens at the configured hosting price
 (`costs.student_hosting_per_hour`, $0.10/h by default: a small CPU instance) at full utilisation.
 The full-data LoRA run takes about an hour on 2 CPU cores; `--quick` runs 1,000 labels only, and
 `--part 1000` or `--part all` re-runs one size and keeps the other's results (`--students a,b` re-runs
-only those students in that part).
+only those students in that part). `--keep DIR` keeps each size's project in DIR/1000 and DIR/all: a
+later run with the same settings reuses the students trained there (their training figures are
+those of the first run, marked `trained_at`) and only measures again.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ STUDENTS = [
     # 3e-4 for 3 epochs (fp32) reached only 41.5/56.9/69.2% val agreement and was still climbing.
     {"name": "lora", "kind": "lora", "rank": 16, "learning_rate": 1e-3, "epochs": 5, "batch_size": 8,
      "precision": "bf16"},
+    # Pools the fine-tuned encoder's and the LoRA student's label probabilities (weights fitted on
+    # validation); reuses both runs, so it costs one validation pass of each to build.
+    {"name": "ensemble", "kind": "ensemble", "members": ["encoder_ft", "lora"]},
 ]
 # All 10,003 labels: 8,000 training rows, so 2 LoRA epochs (about 25 minutes each on 2 cores) give as
 # many optimizer steps as 19 epochs at 1,000 labels.
@@ -94,12 +99,17 @@ def pruning(student, texts: list[str]) -> dict:
             "same_answer": round((probs[True].argmax(1) == probs[False].argmax(1)).float().mean().item(), 4)}
 
 
-def run_size(data: Path, quick: bool, train_rows: int | None, only: list[str] | None = None) -> dict:
+def run_size(data: Path, quick: bool, train_rows: int | None, only: list[str] | None = None,
+             keep: Path | None = None) -> dict:
     from stillroom.evaluate.evaluator import evaluate_student
     from stillroom.store.records import split_rows
     from stillroom.train.runner import train_student
 
-    work = Path(tempfile.mkdtemp(prefix="bench-students-"))
+    if keep is not None:  # trained students stay there, and an unchanged student is not trained again
+        work = Path(keep) / str(train_rows or "all")
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        work = Path(tempfile.mkdtemp(prefix="bench-students-"))
     try:
         students = [{**spec, **(ALL_LABELS.get(spec["name"], {}) if train_rows is None else {})}
                     for spec in STUDENTS]
@@ -114,18 +124,24 @@ def run_size(data: Path, quick: bool, train_rows: int | None, only: list[str] | 
             print(f"{spec['name']}: training on {train_rows or 'all'} labels", flush=True)
             run = train_student(project, spec["name"])
             evaluation = evaluate_student(project, spec["name"])
-            out["students"][spec["name"]] = measure(project, spec["name"], run, evaluation, eval_inputs)
-            out["students"][spec["name"]]["measured_at"] = dt.datetime.now(dt.timezone.utc).isoformat(
-                timespec="seconds")
+            result = out["students"][spec["name"]] = measure(project, spec["name"], run, evaluation, eval_inputs)
+            result["measured_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            if run["skipped"]:  # an identical run in the kept project: its training figures are from then
+                result["trained_at"] = str(run.get("finished_at") or run.get("started_at"))
+            if spec["kind"] == "ensemble":
+                result["weights"] = run["metrics"]["weights"]
+                result["member_val_agreement"] = run["metrics"]["member_val_agreement"]
             print(json.dumps(out["students"][spec["name"]]), flush=True)
         project.close()
         out["finished_at"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         return out
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
-def main(quick: bool = False, part: str | None = None, students: list[str] | None = None) -> None:
+def main(quick: bool = False, part: str | None = None, students: list[str] | None = None,
+         keep: str | None = None) -> None:
     data = dataset_dir("banking77")
     if data is None:
         return
@@ -142,7 +158,7 @@ def main(quick: bool = False, part: str | None = None, students: list[str] | Non
         raise SystemExit(f"--students: no student named {unknown}; this benchmark has "
                          f"{[s['name'] for s in STUDENTS]}")
     for n in sizes:
-        fresh = run_size(data, False, n, students)
+        fresh = run_size(data, False, n, students, Path(keep) if keep else None)
         kept = results.get(str(n or "all"), {}).get("students", {}) if students else {}
         fresh["students"] = {**kept, **fresh["students"]}
         results[str(n or "all")] = fresh

@@ -246,7 +246,10 @@ class SweepConfig(_Strict):
 
 class StudentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")]
-    kind: Literal["encoder", "lora", "full"]  # full: full fine-tuning, every weight trains
+    # full: full fine-tuning, every weight trains; ensemble: pools the label probabilities of
+    # `members` (other students here) with weights fitted on the validation split
+    kind: Literal["encoder", "lora", "full", "ensemble"]
+    members: list[str] | None = None  # ensemble: the students whose deployed artifacts it combines
     # encoder
     head: Literal["logreg", "mlp"] = "logreg"
     # encoder: fine-tune the MiniLM body on same-label pairs with in-batch negatives before fitting
@@ -278,6 +281,25 @@ class StudentConfig(_Strict):
     sweep: SweepConfig | None = None
 
     @model_validator(mode="after")
+    def _ensemble_settings(self) -> "StudentConfig":
+        if self.kind != "ensemble":
+            if self.members is not None:
+                raise ValueError("members applies to kind 'ensemble' only")
+            return self
+        if not self.members or len(self.members) < 2:
+            raise ValueError("an ensemble needs members: at least two other students' names")
+        if len(set(self.members)) != len(self.members) or self.name in self.members:
+            raise ValueError(f"members must be distinct students other than '{self.name}' (got {self.members})")
+        own = {"name", "kind", "members", "seed", "deploy"}
+        if self.model_fields_set - own:
+            raise ValueError(f"{', '.join(sorted(self.model_fields_set - own))} does not apply to an ensemble; "
+                             "set it on the member students")
+        if self.deploy != "fp32":
+            raise ValueError("an ensemble runs its members' deployed artifacts: deploy must be 'fp32' "
+                             "(set each member's deploy instead)")
+        return self
+
+    @model_validator(mode="after")
     def _encoder_deploys_as_trained(self) -> "StudentConfig":
         if self.kind == "encoder" and self.deploy != "fp32":
             raise ValueError("an encoder student deploys as trained: deploy must be 'fp32'")
@@ -292,7 +314,7 @@ class StudentConfig(_Strict):
             self.learning_rate = 2e-5  # every weight moves: LoRA's 3e-4 would wreck the base model
         if self.quantization and self.kind != "lora":
             raise ValueError("quantization '4bit' (QLoRA) applies to kind 'lora' only")
-        if self.kind != "encoder":
+        if self.kind in ("lora", "full"):
             from stillroom.models import BASE_MODELS
 
             if self.base_model not in BASE_MODELS and not Path(self.base_model).is_dir():
@@ -488,6 +510,21 @@ class ProjectConfig(_Strict):
             self.students = [StudentConfig(name=kind, kind=kind)]
         if self.teacher.max_tokens is None:  # room for one answer of the task's kind
             self.teacher.max_tokens = self.task.output_tokens
+        by_name = {s.name: s for s in self.students}
+        for s in self.students:
+            if s.kind != "ensemble":
+                continue
+            if self.task.type != "classification":
+                raise ValueError(f"student {s.name}: an ensemble pools label probabilities, so it needs a "
+                                 f"classification task (this one is {self.task.type})")
+            unknown = [m for m in s.members if m not in by_name]
+            if unknown:
+                raise ValueError(f"student {s.name}: members {', '.join(unknown)} are not students here "
+                                 f"(students: {', '.join(by_name)})")
+            nested = [m for m in s.members if by_name[m].kind == "ensemble"]
+            if nested:
+                raise ValueError(f"student {s.name}: members {', '.join(nested)} are ensembles themselves; "
+                                 "list their members instead")
         if self.task.type != "classification":
             encoders = [s.name for s in self.students if s.kind == "encoder"]
             if encoders:

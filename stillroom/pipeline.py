@@ -77,24 +77,6 @@ class Stages:
             self.rows.append(row)
 
 
-def _export_deployed(project: Project, student, force: bool, progress: Progress | None) -> dict:
-    """Export the artifact a student deploys (unless it exists for this run and lock) and return
-    its own evaluation: the gate applies to what will be deployed."""
-    from stillroom.evaluate.evaluator import deployed_evaluation
-    from stillroom.train.export import export_student
-
-    evaluation = deployed_evaluation(project, student.name)
-    with project.store.engine.connect() as conn:
-        from stillroom.store.records import latest_run
-
-        run_id = latest_run(conn, student.name)["id"]
-    if force or evaluation is None or evaluation.get("stale") or evaluation.get("run_id") != run_id:
-        cb = (lambda what, done, total: progress(f"export {student.name}", done, total)) if progress else None
-        export_student(project, student.name, [student.deploy], evaluate=True, progress=cb)
-        evaluation = deployed_evaluation(project, student.name)
-    return evaluation
-
-
 def run_pipeline(project: Project, force: bool = False, progress: Progress | None = None) -> dict:
     """Run every stage; returns {"stages": [...], "gate": {...}, "report": {...}}."""
     from stillroom.capture.importers import import_file
@@ -166,7 +148,11 @@ def run_pipeline(project: Project, force: bool = False, progress: Progress | Non
                 if progress:
                     progress(f"eval {student.name}", 1, 1)
             if student.deploy != "fp32":
-                evaluation = _export_deployed(project, student, force, progress)
+                from stillroom.train.export import export_deployed
+
+                cb = (lambda what, done, total, _n=student.name: progress(f"export {_n}", done, total)
+                      ) if progress else None
+                evaluation = export_deployed(project, student.name, force, cb)
             verdict = decide(evaluation, project.config.gate)
             verdicts[student.name] = verdict.as_dict()
             row["detail"] = (f"agreement {evaluation['agreement']:.1%}, coverage "

@@ -46,7 +46,7 @@ def test_every_problem_is_reported_with_its_field_path():
     assert "task.labels: at least 2 labels" in text
     assert "task.teacher_prompt: " in text and "{input}" in text and "'no slot here'" in text
     assert "gate.max_gap_points: " in text and "(got -1)" in text
-    assert "students.0.kind: " in text and "'encoder', 'lora' or 'full'" in text
+    assert "students.0.kind: " in text and "'encoder', 'lora', 'full' or 'ensemble'" in text
     assert "teacher.price_per_million_input_tokens" in text and "'cheap'" in text
     assert "colour: unknown field" in text
 

@@ -205,6 +205,15 @@ def test_many_labels_are_pruned_by_their_first_token_with_the_same_argmax(tiny_m
         narrow = lora._pruned_label_logprobs(model, prompts, answers, 0, top=1)
         everything = lora._label_logprobs(model, prompts, answers, 0)
     assert torch.equal(narrow.argmax(1), everything.argmax(1))
+    # The full scores reuse the first pass's KV cache; in bf16 (what `precision: bf16` serves on a
+    # CPU, eager attention) they match recomputing the prompt to bf16's precision.
+    half = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16, attn_implementation="eager").eval()
+    with torch.inference_mode():
+        exact = lora._label_logprobs(half, prompts[:4], answers, 0)
+        some = lora._pruned_label_logprobs(half, prompts[:4], answers, 0, top=3)
+        bounds = lora._first_token_logprobs(half, prompts[:4], 0)[:, [a[0] for a in answers]]
+    scored = bounds >= bounds.topk(3, dim=1).values[:, -1:]
+    assert torch.allclose(some[scored], exact[scored], atol=0.05)
 
 
 def test_config_errors_name_the_field(tiny_model, tmp_path):

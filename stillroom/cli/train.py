@@ -29,10 +29,19 @@ def train(
             run = train_student(project, name, force=force, progress=update)
         runs[name] = {"run_id": run["id"], "skipped": run["skipped"], "metrics": run["metrics"],
                       "artifact": run["artifact_path"]}
-    emit(as_json, runs, lambda: table(
-        "Training", ["student", "run", "status", "val agreement", "seconds"],
-        [[n, r["run_id"], "unchanged (skipped)" if r["skipped"] else "trained",
-          pct(r["metrics"].get("val_agreement")), r["metrics"].get("train_seconds")] for n, r in runs.items()]))
+
+    def show():
+        table("Training", ["student", "run", "status", "val agreement", "seconds"],
+              [[n, r["run_id"], "unchanged (skipped)" if r["skipped"] else "trained",
+                pct(r["metrics"].get("val_agreement")), r["metrics"].get("train_seconds")] for n, r in runs.items()])
+        for n, r in runs.items():
+            weights = r["metrics"].get("weights")
+            if weights:  # an ensemble: how it pools, and what each member scores alone
+                alone = r["metrics"].get("member_val_agreement", {})
+                console().print(f"{n} pools " + ", ".join(
+                    f"{m} x{w:g} (alone {pct(alone.get(m))})" for m, w in weights.items()))
+
+    emit(as_json, runs, show)
 
 
 def _list(flag: str, raw: str | None, cast, what: str) -> list | None:

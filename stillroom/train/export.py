@@ -462,6 +462,10 @@ def export_student(project, name: str, formats=("all",), evaluate: bool = True,
         if "adapter" in named:
             raise ExportError(f"student '{name}' is a full fine-tune: it has no adapter; export 'merged' instead")
         wanted = [f for f in wanted if f != "adapter"]
+    elif student.kind == "ensemble":
+        raise ExportError(f"student '{name}' is an ensemble: it is built from its members' deployed artifacts "
+                          f"(set their `deploy` and retrain it: `stillroom train {name}`); export the members "
+                          f"({', '.join(student.members)}) instead")
     elif student.kind != "lora":
         raise ExportError(
             f"student '{name}' is a {student.kind} student: its trained folder (a small head over "
@@ -534,3 +538,21 @@ def _gguf_tokenizer_source(run_dir: Path) -> Path | None:
 
     manifest = json.loads((run_dir / "student.json").read_text(encoding="utf-8"))
     return smollm2_gguf_path() if manifest["base_model"]["name"] == SMOLLM2_NAME else None
+
+
+def export_deployed(project, name: str, force: bool = False, progress=None) -> dict:
+    """Export the artifact a student deploys (`students[].deploy`) unless it is already exported and
+    evaluated for the student's newest run and the current lock; returns that artifact's evaluation
+    (the gate applies to what will be deployed). `progress(what, done, total)` as `export_student`."""
+    from stillroom.evaluate.evaluator import deployed_evaluation
+    from stillroom.store.records import latest_run
+
+    fmt = project.config.student(name).deploy
+    evaluation = deployed_evaluation(project, name)
+    with project.store.engine.connect() as conn:
+        run_id = latest_run(conn, name)["id"]
+    if fmt != "fp32" and (force or evaluation is None or evaluation.get("stale")
+                          or evaluation.get("run_id") != run_id):
+        export_student(project, name, [fmt], evaluate=True, progress=progress)
+        evaluation = deployed_evaluation(project, name)
+    return evaluation

@@ -178,8 +178,9 @@ PRUNE_ABOVE_TOKENS = 96
 TOP_LABELS = 8  # labels scored in full per input when pruning
 
 
-def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int):
-    """[len(prompts), vocab] log-probabilities of the token after each (left-padded) prompt."""
+def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int, keep_cache: bool = False):
+    """[len(prompts), vocab] log-probabilities of the token after each (left-padded) prompt; with
+    `keep_cache`, (those, the prompts' KV cache) for `_candidate_logprobs(prefix=...)`."""
     import torch
 
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -191,16 +192,19 @@ def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int):
         mask[row, width - len(p):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     dev = head.weight.device
-    hidden = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                     use_cache=False).last_hidden_state
-    return head(hidden[:, -1].contiguous()).float().log_softmax(-1)
+    out = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
+                  use_cache=keep_cache)
+    first = head(out.last_hidden_state[:, -1].contiguous()).float().log_softmax(-1)
+    return (first, out.past_key_values) if keep_cache else first
 
 
 def _candidate_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], candidates: list[list[int]],
-                        pad_id: int):
+                        pad_id: int, prefix=None):
     """[len(prompts), len(answers)] summed log-probabilities, filled only where row r lists answer j
     in `candidates[r]` (-inf elsewhere), in the one-pass layout `_label_logprobs` describes, each row
-    holding its own answers (right-padded to the longest row)."""
+    holding its own answers (right-padded to the longest row). `prefix`: (first-token log-probs, KV
+    cache) of these same prompts from `_first_token_logprobs(keep_cache=True)`; the pass then runs
+    over the answer tokens only, attending to the cached prompt instead of recomputing it."""
     import torch
 
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
@@ -232,18 +236,26 @@ def _candidate_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], 
     dtype = head.weight.dtype
     mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     dev = head.weight.device
-    hidden = decoder(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev), position_ids=positions.to(dev),
-                     use_cache=False).last_hidden_state
-    # The head only where an answer token is predicted, on 2-D contiguous rows: a 3-D strided input
-    # sends a bf16 linear with a frozen weight down a batched-matmul path that copies the whole
-    # [vocab x hidden] weight on every call (measured on SmolLM2: 70 ms of a 130 ms prediction).
-    first = head(hidden[:, width - 1].contiguous()).float().log_softmax(-1).cpu()
+    if prefix is None:
+        hidden = decoder(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev),
+                         position_ids=positions.to(dev), use_cache=False).last_hidden_state
+        # The head only where an answer token is predicted, on 2-D contiguous rows: a 3-D strided input
+        # sends a bf16 linear with a frozen weight down a batched-matmul path that copies the whole
+        # [vocab x hidden] weight on every call (measured on SmolLM2: 70 ms of a 130 ms prediction).
+        first = head(hidden[:, width - 1].contiguous()).float().log_softmax(-1).cpu()
+        hidden = hidden[:, width:]
+    else:  # the answers' rows of the same mask, over [cached prompt | answers]
+        first, cache = prefix
+        first = first.cpu()
+        hidden = decoder(input_ids=ids[:, width:].to(dev), attention_mask=mask[:, None, width:].to(dev),
+                         position_ids=positions[:, width:].to(dev), past_key_values=cache,
+                         use_cache=True).last_hidden_state
     scores = torch.full((n, len(answers)), float("-inf"))
     for r, row in enumerate(candidates):
         scores[r, row] = first[r, [answers[j][0] for j in row]]
     rows, cols = used.nonzero(as_tuple=True)
     if len(rows):
-        rest = head(hidden[rows.to(dev), (width + cols).to(dev)]).float().log_softmax(-1).cpu()
+        rest = head(hidden[rows.to(dev), cols.to(dev)]).float().log_softmax(-1).cpu()
         rest = rest.gather(1, target[rows, cols][:, None]).squeeze(1)
         flat = scores.view(-1)
         flat.index_add_(0, rows * len(answers) + owner[rows, cols], rest)
@@ -262,13 +274,15 @@ def _pruned_label_logprobs(lm, prompts, answers, pad_id, top: int = TOP_LABELS):
     Measured on Banking77 (77 labels, SmolLM2-135M): see docs/training.md."""
     import torch
 
-    bounds = _first_token_logprobs(lm, prompts, pad_id).cpu()[:, [a[0] for a in answers]]
+    first, cache = _first_token_logprobs(lm, prompts, pad_id, keep_cache=True)
+    bounds = first.cpu()[:, [a[0] for a in answers]]
     top = min(top, len(answers))
     # Every label tied with the top-th bound is kept: labels sharing a first token ("card_arrival",
     # "card_linking", ...) share a bound, and leaving one of a likely group out would force the fallback.
     keep = bounds >= bounds.topk(top, dim=1).values[:, -1:]
     candidates = [row.nonzero(as_tuple=True)[0].tolist() for row in keep]
-    scores = _candidate_logprobs(lm, prompts, answers, candidates, pad_id)
+    # The second pass reuses the first one's KV cache: only the candidates' tokens are computed.
+    scores = _candidate_logprobs(lm, prompts, answers, candidates, pad_id, prefix=(first, cache))
     best = scores.max(1).values
     left_out = bounds.masked_fill(keep, float("-inf")).max(1).values
     for r in (best < left_out).nonzero(as_tuple=True)[0].tolist():  # a left-out label might win

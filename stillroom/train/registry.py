@@ -8,6 +8,8 @@ STUDENTS = {
     "encoder": ("stillroom.train.encoder:train_encoder", "stillroom.train.encoder:EncoderStudent"),
     "lora": ("stillroom.train.lora:train_lora", "stillroom.train.lora:LoraStudent"),
     "full": ("stillroom.train.lora:train_full", "stillroom.train.lora:LoraStudent"),
+    # built by the runner from its members' runs (train/runner.py), not by a trainer of its own
+    "ensemble": ("stillroom.train.ensemble:build_ensemble", "stillroom.train.ensemble:EnsembleStudent"),
 }
 
 

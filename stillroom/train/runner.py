@@ -16,6 +16,8 @@ from stillroom.train.registry import trainer
 
 
 def _student_args(student: StudentConfig):
+    if student.kind == "ensemble":  # no settings of its own: its members carry them
+        return None
     if student.kind == "encoder":
         from stillroom.train.encoder import EncoderConfig
 
@@ -63,8 +65,9 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
 
 def run_config(student: StudentConfig) -> dict:
     """The config a run records and is fingerprinted by: the student without its sweep grid
-    (editing the grid does not change what a plain `stillroom train` produces)."""
-    return student.model_dump(mode="json", exclude={"sweep"})
+    (editing the grid does not change what a plain `stillroom train` produces). `members` only when
+    set (an ensemble), so runs recorded before that field existed keep their fingerprint."""
+    return student.model_dump(mode="json", exclude={"sweep"} | ({"members"} if student.members is None else set()))
 
 
 def configured_student(project: Project, name: str, overrides: dict | None = None) -> StudentConfig:
@@ -114,6 +117,23 @@ def fingerprint(project: Project, student: StudentConfig, lock_sha: str,
     return h.hexdigest()
 
 
+def _ensemble_members(project: Project, student: StudentConfig, progress) -> list[dict]:
+    """Train (or reuse) each member of an ensemble; return what the ensemble is built from: each
+    member's run and the artifact it deploys (`students[].deploy`)."""
+    from stillroom.evaluate.evaluator import deployed_model_path
+    from stillroom.train.export import export_deployed
+
+    out = []
+    for member in student.members:
+        run = train_student(project, member, progress=progress)
+        deploy = project.config.student(member).deploy
+        if deploy != "fp32":  # exported (and re-evaluated) for this run unless it already is
+            export_deployed(project, member)
+        out.append({"name": member, "run_id": run["id"], "deploy": deploy,
+                    "path": deployed_model_path(project, member)})
+    return out
+
+
 def train_student(project: Project, name: str, force: bool = False,
                   progress: Callable[[int, int], None] | None = None,
                   overrides: dict | None = None, sweep_id: str | None = None) -> dict:
@@ -130,6 +150,10 @@ def train_student(project: Project, name: str, force: bool = False,
     if not train:
         raise ProjectError("the train split is empty; import data and run `stillroom split` first")
     fp = fingerprint(project, student, lock.manifest_sha256, train, val)
+    members = None
+    if student.kind == "ensemble":  # its members first (each reused when already trained on this data)
+        members = _ensemble_members(project, student, progress)
+        fp = hashlib.sha256(json.dumps([fp, members]).encode()).hexdigest()  # a retrained member: a new ensemble
     with project.store.engine.connect() as conn:
         previous = latest_run(conn, name) if sweep_id is None else _same_run(conn, name, fp)
     if previous and previous["data_fingerprint"] == fp and not force:
@@ -155,8 +179,15 @@ def train_student(project: Project, name: str, force: bool = False,
     out_dir = folder(run_id)
     extra = {} if student.kind == "encoder" else {"task": project.task}
     try:
-        result = trainer(student.kind)(train, val, project.task.labels, out_dir, args,
-                                       student_format=student_format(project), progress=progress, **extra)
+        if members is not None:
+            from stillroom.train.ensemble import build_ensemble
+
+            result = build_ensemble([(m["name"], m["path"]) for m in members], val, project.task.labels, out_dir,
+                                    progress=progress)
+            result.metrics["members"] = members
+        else:
+            result = trainer(student.kind)(train, val, project.task.labels, out_dir, args,
+                                           student_format=student_format(project), progress=progress, **extra)
         from stillroom.train.manifest import write_run_manifest
 
         write_run_manifest(out_dir, student=run_config(student), fingerprint=fp, lock_sha=lock.manifest_sha256,

@@ -70,6 +70,9 @@ def sweep_grid(project, name: str, rank: list[int] | None = None, learning_rate:
     student = project.config.student(name)
     grid = student.sweep or SweepConfig()
     lora_flags = {"--rank": rank, "--lr": learning_rate, "--epochs": epochs, "--base": base_model}
+    if student.kind == "ensemble":
+        raise SweepError(f"students.{name} is an ensemble: it has nothing to sweep (its pooling weights are fitted "
+                         f"on validation); sweep its members ({', '.join(student.members)}) instead")
     if student.kind == "encoder":
         given = [flag for flag, v in lora_flags.items() if v]
         if given:
