@@ -31,9 +31,9 @@ STUDENTS = [
     # 3e-4 for 3 epochs (fp32) reached only 41.5/56.9/69.2% val agreement and was still climbing.
     {"name": "lora", "kind": "lora", "rank": 16, "learning_rate": 1e-3, "epochs": 5, "batch_size": 8,
      "precision": "bf16"},
-    # Pools the fine-tuned encoder's and the LoRA student's label probabilities (weights fitted on
-    # validation); reuses both runs, so it costs one validation pass of each to build.
-    {"name": "ensemble", "kind": "ensemble", "members": ["encoder_ft", "lora"]},
+    # Pools the three students' label probabilities (weights fitted on validation; a member can get 0);
+    # reuses their runs, so it costs one validation pass of each to build.
+    {"name": "ensemble", "kind": "ensemble", "members": ["encoder", "encoder_ft", "lora"]},
 ]
 # All 10,003 labels: 8,000 training rows, so 2 LoRA epochs (about 25 minutes each on 2 cores) give as
 # many optimizer steps as 19 epochs at 1,000 labels.
