@@ -59,9 +59,9 @@ def test_pooling_two_members_that_are_wrong_on_different_inputs_beats_both():
     assert agreement == 1.0
 
 
-def _config_error(yaml_project, students: str, task_extra: str = ""):
+def _config_error(yaml_project, students: str):
     with pytest.raises(ConfigError) as err:
-        yaml_project(project_yaml(students) + task_extra)
+        yaml_project(project_yaml(students))
     return str(err.value)
 
 
