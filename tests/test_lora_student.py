@@ -239,3 +239,34 @@ def test_real_smollm2_trains_and_predicts(tmp_path):
     student = LoraStudent.load(tmp_path)
     predictions = student.predict(["I ate an apple", "The bus was late", "Heavy rain tonight"])
     assert all(p.label in LABELS and abs(sum(p.probs.values()) - 1) < 1e-5 for p in predictions)
+
+
+def test_cpu_lora_dropout_drops_at_rate_p_independently_and_reproducibly():
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from stillroom.train.lora import _cpu_lora_dropout
+
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.25,
+                                                target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    assert _cpu_lora_dropout(model) == 4  # 2 layers x 2 target modules
+    q, v = (model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"],
+            model.base_model.model.model.layers[0].self_attn.v_proj.lora_dropout["default"])
+    x = torch.ones(400, 250)
+    model.train()
+    torch.manual_seed(3)
+    a, b = q(x), v(x)
+    assert a.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]  # inverted dropout: kept values scaled
+    assert abs((a == 0).float().mean().item() - 0.25) < 0.01  # 100,000 draws: 4 standard errors is 0.0055
+    # the two modules' masks are independent: both-dropped is p^2, not p
+    assert abs(((a == 0) & (b == 0)).float().mean().item() - 0.0625) < 0.01
+    lanes = (a == 0).view(-1, 4).float().mean(0)  # each 16-bit lane of the 64-bit draw drops at p
+    assert torch.all((lanes - 0.25).abs() < 0.02), lanes
+    torch.manual_seed(3)
+    assert torch.equal(q(x), a)  # the seeded generator decides the mask, so a resume replays it
+    model.eval()
+    assert torch.equal(q(x), x)

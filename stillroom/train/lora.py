@@ -91,6 +91,46 @@ def _quiet_peft():
         yield
 
 
+def _cpu_lora_dropout(model) -> int:
+    """Swap the LoRA branches' `nn.Dropout` for one whose mask costs a quarter as much on a CPU.
+
+    `bernoulli_` draws one 32-bit number per element: profiled on 2 cores (SmolLM2-135M, rank 16 on
+    all seven projections, batch 8 x 28 tokens), it took 18% of an fp32 step and 34% of a bf16
+    one. This mask comes from one full-range 64-bit draw per four elements, each 16-bit lane
+    compared with a threshold: still independent per element and per module, from torch's seeded
+    generator (so a checkpoint's RNG state resumes it), with the drop probability rounded to a
+    multiple of 1/65536 (0.05 -> 0.0500031). Returns the number of branches swapped."""
+    import torch
+
+    class _MaskDropout(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+            self.threshold = round(p * 65536) - 32768  # int16 lanes >= this are kept
+
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                return x
+            n = x.numel()
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
+            keep = bits.view(torch.int16)[:n].view(x.shape) >= self.threshold
+            return x * keep.to(x.dtype).mul_(1.0 / (1.0 - self.p))
+
+        def extra_repr(self) -> str:
+            return f"p={self.p}"
+
+    swapped = 0
+    for module in model.modules():
+        branches = getattr(module, "lora_dropout", None)
+        if not isinstance(branches, torch.nn.ModuleDict):
+            continue
+        for name, dropout in list(branches.items()):
+            if isinstance(dropout, torch.nn.Dropout) and dropout.p > 0:
+                branches[name] = _MaskDropout(dropout.p)
+                swapped += 1
+    return swapped
+
+
 def resolve_base_model(name_or_path: str) -> Path:
     """The local folder holding the base model's weights and tokenizer."""
     if name_or_path in KNOWN_BASE_MODELS:
@@ -506,6 +546,8 @@ def train_lora(
                     task_type="CAUSAL_LM",
                 ),
             )
+    if device == "cpu" and not config.full:
+        _cpu_lora_dropout(model)
     lm = model if config.full else model.get_base_model()  # we call the LM's parts directly
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
     if device == "cuda":
