@@ -128,7 +128,9 @@ def run_pipeline(project: Project, force: bool = False, progress: Progress | Non
             metrics = run["metrics"]
             val = metrics.get("val_agreement")
             row.update(status="skipped" if run["skipped"] else "done",
-                       detail=f"run {run['id']}, validation agreement " + ("-" if val is None else f"{val:.1%}"))
+                       detail=f"run {run['id']}" + (f" (identical to run {run['reused_run']}, reused)"
+                                                    if run.get("reused_run") else "")
+                       + ", validation agreement " + ("-" if val is None else f"{val:.1%}"))
 
     verdicts = {}
     for student in project.config.students:

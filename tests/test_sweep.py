@@ -184,3 +184,42 @@ def test_promote_to_yaml_keeps_comments_in_block_style(tmp_path):
     result = promote_to_yaml(path, "encoder", {"head": "mlp"})
     assert result["config"] == "snippet" and path.read_text() == before
     assert "head: mlp" in result["snippet"] and "name: encoder" in result["snippet"]
+
+
+def test_switching_the_config_back_reuses_the_identical_earlier_run(make_project):
+    from stillroom.store.records import latest_run
+    from stillroom.train.runner import train_student
+
+    project = ready(make_project(synthetic_rows(30)))
+    root = str(project.root)
+    first = json.loads(cli("train", "encoder", "--json", "-C", root).stdout)["encoder"]
+    config = project.root / "stillroom.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("{name: encoder, kind: encoder}", "{name: encoder, kind: encoder, head: mlp}"))
+    second = json.loads(cli("train", "encoder", "--json", "-C", root).stdout)["encoder"]
+    assert second["skipped"] is False and second["run_id"] != first["run_id"]
+
+    config.write_text(text)  # back to the first config: its run is current again, nothing retrained
+    assert f"identical to run {first['run_id']} (reused)" in cli("train", "encoder", "-C", root).output
+    back = json.loads(cli("train", "encoder", "--json", "-C", root).stdout)["encoder"]  # now simply current
+    assert back["skipped"] is True and back["reused_run"] is None
+    assert back["artifact"] == first["artifact"] and back["metrics"]["val_agreement"] == first["metrics"]["val_agreement"]
+    assert back["metrics"]["promoted_from_run"] == first["run_id"]
+    with project.store.engine.connect() as conn:
+        assert latest_run(conn, "encoder")["id"] == back["run_id"]  # what eval, export and serve use
+    assert [r["status"] for r in runs(project, "encoder")] == ["finished", "finished", "finished"]
+
+    # --force still trains afresh, and a deleted folder is not reused
+    import shutil
+
+    shutil.rmtree(second["artifact"])
+    config.write_text(text.replace("{name: encoder, kind: encoder}", "{name: encoder, kind: encoder, head: mlp}"))
+    project.close()
+    from stillroom.project import Project
+
+    reopened = Project.open(project.root)
+    try:
+        retrained = train_student(reopened, "encoder")
+        assert retrained["skipped"] is False and "reused_run" not in retrained
+    finally:
+        reopened.close()

@@ -9,12 +9,12 @@ so calls run one at a time in a worker thread and the event loop stays free.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
 
 from stillroom.backends.base import BackendError, Completion
+from stillroom.cpus import usable_cpus
 
 __all__ = ["LlamaCppBackend"]
 
@@ -30,7 +30,7 @@ class LlamaCppBackend:
         self.model_path = Path(model_path)
         self.max_new_tokens = max_new_tokens
         self.n_ctx = n_ctx
-        self.n_threads = n_threads or os.cpu_count() or 1
+        self.n_threads = n_threads or usable_cpus()
         self.name = self.model_path.stem
         self._llm = None
         self._load_lock = threading.Lock()

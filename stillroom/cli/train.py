@@ -27,12 +27,13 @@ def train(
     for name in names:
         with bar(f"train {name}", enabled=not as_json) as update:
             run = train_student(project, name, force=force, progress=update)
-        runs[name] = {"run_id": run["id"], "skipped": run["skipped"], "metrics": run["metrics"],
-                      "artifact": run["artifact_path"]}
+        runs[name] = {"run_id": run["id"], "skipped": run["skipped"], "reused_run": run.get("reused_run"),
+                      "metrics": run["metrics"], "artifact": run["artifact_path"]}
 
     def show():
         table("Training", ["student", "run", "status", "val agreement", "seconds"],
-              [[n, r["run_id"], "unchanged (skipped)" if r["skipped"] else "trained",
+              [[n, r["run_id"], f"identical to run {r['reused_run']} (reused)" if r["reused_run"]
+                else "unchanged (skipped)" if r["skipped"] else "trained",
                 pct(r["metrics"].get("val_agreement")), r["metrics"].get("train_seconds")] for n, r in runs.items()])
         for n, r in runs.items():
             weights = r["metrics"].get("weights")

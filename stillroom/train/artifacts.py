@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stillroom.cpus import set_torch_threads, usable_cpus
 from stillroom.errors import StillroomError
 from stillroom.train.base import Prediction
 
@@ -54,14 +55,12 @@ def load_artifact(path: Path | str):
 
 
 def _lora_student(model, path: Path, manifest: dict):
-    import torch
     from transformers import AutoTokenizer
 
     from stillroom.train.lora import LoraConfig, LoraStudent
 
     config = LoraConfig(**{**manifest["config"], "base_model": str(path)})
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_torch_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoraStudent(model.eval(), tokenizer, manifest["labels"], manifest["student_format"], config,
                        task=manifest.get("task"), kind=manifest.get("kind"))
@@ -144,8 +143,6 @@ class GGUFStudent:
     kind = "lora"
 
     def __init__(self, path: Path, manifest: dict, n_threads: int | None = None, batch_size: int = 16):
-        import os
-
         try:
             import llama_cpp
             from llama_cpp._logger import set_verbose
@@ -191,7 +188,7 @@ class GGUFStudent:
             params.kv_unified = True  # the labels' sequences share the prompt's cells
             batch_tokens = n_ctx
         params.n_threads = params.n_threads_batch = (
-            n_threads or manifest["config"].get("threads") or os.cpu_count() or 1)
+            n_threads or manifest["config"].get("threads") or usable_cpus())
         set_verbose(False)
         L.llama_backend_init()
         self._model = L.llama_model_load_from_file(str(path / manifest["gguf_file"]).encode(),

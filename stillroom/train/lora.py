@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+from stillroom.cpus import set_torch_threads, usable_cpus
 from stillroom.train.base import Prediction, TrainResult
 from stillroom.train.decoding import decode_answers, json_constraint
 
@@ -45,7 +46,7 @@ class LoraConfig:
     batch_size: int = 8  # examples per optimizer step
     max_input_tokens: int = 96  # the formatted input is truncated to this many tokens
     seed: int = 0  # seeds torch, random and numpy (LoRA init, shuffling, dropout)
-    threads: int | None = None  # torch threads; None -> os.cpu_count()
+    threads: int | None = None  # torch threads; None -> the CPUs this process may use (stillroom.cpus)
     target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
@@ -507,7 +508,7 @@ def train_lora(
         )
     # GPU when there is one: bf16 autocast and gradient checkpointing. Never needed by the tests.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(config.threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.threads or usable_cpus())
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -754,8 +755,7 @@ class LoraStudent:
         # A known name is re-resolved so a moved cache still works; otherwise the recorded folder.
         base_dir = resolve_base_model(base["name"] if base["name"] in KNOWN_BASE_MODELS else base["path"])
         config = LoraConfig(**{**manifest["config"], "base_model": str(base_dir)})
-        if config.threads:
-            torch.set_num_threads(config.threads)
+        set_torch_threads(config.threads)
         dtype = inference_dtype(config.precision)
         if manifest["kind"] == "full":  # a plain Hugging Face model folder
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dtype).eval()

@@ -139,6 +139,10 @@ def train_student(project: Project, name: str, force: bool = False,
                   overrides: dict | None = None, sweep_id: str | None = None) -> dict:
     """Train the named student unless an identical run already finished; returns the run record.
 
+    Identical means the same fingerprint (data, eval lock, config). When the current run differs but
+    an earlier finished run or sweep trial is identical and its folder still exists, that run becomes
+    current again (`reused_run` names it) instead of training a second time.
+
     `overrides` replaces config fields for this run only (a sweep point). With `sweep_id` the run
     is recorded as a trial of that sweep: it does not become the student's current run (the one
     `eval`, `export` and `serve` use) until the sweep promotes it, and an identical earlier run
@@ -156,6 +160,16 @@ def train_student(project: Project, name: str, force: bool = False,
         fp = hashlib.sha256(json.dumps([fp, members]).encode()).hexdigest()  # a retrained member: a new ensemble
     with project.store.engine.connect() as conn:
         previous = latest_run(conn, name) if sweep_id is None else _same_run(conn, name, fp)
+        earlier = None
+        if not force and sweep_id is None and not (previous and previous["data_fingerprint"] == fp):
+            earlier = _same_run(conn, name, fp)  # e.g. a config switched back, or a sweep trial
+    if earlier is not None:  # that run becomes current again, rather than being trained twice
+        from stillroom.train.sweep import promote_run
+
+        promote_run(project, name, earlier["id"])
+        with project.store.engine.connect() as conn:
+            previous = latest_run(conn, name)
+        previous["reused_run"] = earlier["id"]
     if previous and previous["data_fingerprint"] == fp and not force:
         previous["skipped"] = True
         return previous

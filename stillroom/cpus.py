@@ -1,0 +1,53 @@
+"""How many CPUs this process may really use: the thread count for torch and llama.cpp.
+
+`os.cpu_count()` counts the host's CPUs. In a container limited to 2 CPUs on a 64-CPU host
+(`docker run --cpus 2`, a Kubernetes CPU limit) it says 64, and 64 compute threads sharing a
+2-CPU quota spend most of their time throttled. Here the count is the smallest of the CPUs this
+process is pinned to (`sched_getaffinity`) and the cgroup's CPU quota rounded up (cgroup v2
+`cpu.max`, or v1 `cpu.cfs_quota_us` / `cpu.cfs_period_us`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _quota(root: Path) -> float | None:
+    """The cgroup's CPU quota in CPUs, or None when unlimited or unreadable."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]  # cgroup v2: "200000 100000" or "max 100000"
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())  # cgroup v1: -1 means unlimited
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def usable_cpus(cgroup_root: Path = CGROUP) -> int:
+    """CPUs this process can keep busy: affinity, then the cgroup quota (rounded up); at least 1."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        n = os.cpu_count() or 1
+    quota = _quota(cgroup_root)
+    if quota is not None:
+        n = min(n, math.ceil(quota))
+    return max(1, n)
+
+
+def set_torch_threads(threads: int | None = None) -> int:
+    """Set torch's thread count: `threads` when given, else torch's default capped at `usable_cpus()`
+    (torch defaults to the host's physical cores, which a container's CPU limit does not lower)."""
+    import torch
+
+    n = threads or min(torch.get_num_threads(), usable_cpus())
+    torch.set_num_threads(n)
+    return n
