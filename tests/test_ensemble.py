@@ -50,13 +50,17 @@ def test_pooling_two_members_that_are_wrong_on_different_inputs_beats_both():
     a, b = member({0, 1, 2}), member({3, 4, 5})
     weights, agreement, alone = fit_weights([a, b], y)
     assert alone == [0.5, 0.5]
-    assert agreement == 1.0 and weights == (0.5, 0.5)  # the tie goes to equal weights
+    assert agreement == 1.0 and weights == (0.5, 0.5)  # symmetric members: the log-loss is lowest at equal weights
     pooled = pool([a, b], weights)
     assert np.allclose(pooled.sum(1), 1) and (pooled.argmax(1) == y).all()
-    # A member that is always right takes all the weight's credit: never worse than the best alone.
+    # A member that is always right: the fitted pool is never worse than the best member alone.
     perfect = np.eye(3)[y] * 0.98 + 0.01
     weights, agreement, _ = fit_weights([a, perfect], y)
     assert agreement == 1.0
+    # Both always right, so agreement cannot choose; the log-loss prefers the member that is surer.
+    vague, sharp = np.eye(3)[y] * 0.3 + 0.7 / 3, np.eye(3)[y] * 0.9 + 0.1 / 3
+    weights, agreement, alone = fit_weights([vague, sharp], y)
+    assert alone == [1.0, 1.0] and agreement == 1.0 and weights == (0.0, 1.0)
 
 
 def _config_error(yaml_project, students: str):

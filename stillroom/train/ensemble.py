@@ -3,9 +3,9 @@
 Students of different kinds make different mistakes (a MiniLM encoder and a causal LM read the same
 input differently), so pooling them beats either alone when there is time for both. The pool is
 log-linear: each member's log-probabilities are weighted and summed, then renormalised. The weights
-are fitted on the validation split over a grid on the simplex (steps of `WEIGHT_STEP`); the grid
-includes every member on its own, so on validation the ensemble is never worse than its best
-member. Ties go to the weights closest to equal.
+are fitted on the validation split over a grid on the simplex (steps of `WEIGHT_STEP`), by the
+pooled log-loss; the grid includes every member on its own, so on validation the ensemble's
+log-loss is never worse than its best member's. Ties go to the weights closest to equal.
 
 An ensemble is built from its members' deployed artifacts (`students[].deploy`: the GGUF or INT8
 export where one is deployed), copied into its own folder so that it is self-contained, and it is
@@ -48,20 +48,29 @@ def pool(member_probs, weights):
 
 
 def fit_weights(member_probs, y, step: float = WEIGHT_STEP) -> tuple[tuple[float, ...], float, dict]:
-    """(weights, validation agreement, agreement of each member alone) with the highest agreement on
-    `y`; among equal agreements the weights closest to equal (then the first in grid order)."""
+    """(weights, validation agreement at them, agreement of each member alone): the grid point whose
+    pooled probabilities have the lowest log-loss on `y`; among equal losses the weights closest to
+    equal (then the first in grid order).
+
+    Log-loss rather than agreement: it uses every probability instead of one bit per input, so the
+    fit moves less with a few noisy validation rows, and the router thresholds these probabilities.
+    Measured on Banking77 (526 validation rows, 3,080 test rows; docs/training.md): fitted on
+    agreement, the same three kinds of member gave 93.90% and 93.31% on test with two different
+    LoRA runs (validation 94.30% both times); fitted on log-loss, 93.64% and 93.67%."""
     import numpy as np
 
     y = np.asarray(y)
     k = len(member_probs)
+    rows = np.arange(len(y))
     best, best_key = None, None
     for w in weight_grid(k, step):
-        agreement = float((pool(member_probs, w).argmax(1) == y).mean())
-        key = (agreement, -sum(abs(x - 1 / k) for x in w))
+        loss = float(-np.log(np.maximum(pool(member_probs, w)[rows, y], FLOOR)).mean())
+        key = (-round(loss, 12), -sum(abs(x - 1 / k) for x in w))
         if best_key is None or key > best_key:
             best, best_key = w, key
+    agreement = float((pool(member_probs, best).argmax(1) == y).mean())
     alone = [float((p.argmax(1) == y).mean()) for p in member_probs]
-    return best, best_key[0], alone
+    return best, agreement, alone
 
 
 def _prob_matrix(predictions: list[Prediction], labels: list[str]):
