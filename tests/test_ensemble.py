@@ -86,7 +86,7 @@ def test_ensemble_config_errors_name_the_problem(yaml_project, students, message
     assert message in _config_error(yaml_project, students)
 
 
-def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_dir):
+def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_dir, monkeypatch):
     root = tmp_path / "p"
     _cli("init", root)
     students = ("  - {name: enc, kind: encoder}\n"
@@ -102,7 +102,8 @@ def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_di
     out = json.loads(_cli("train", "ens", "-C", root, "--json").stdout)["ens"]
     metrics = out["metrics"]
     assert set(metrics["weights"]) == {"enc", "lora"} and abs(sum(metrics["weights"].values()) - 1) < 1e-9
-    assert metrics["val_agreement"] >= max(metrics["member_val_agreement"].values())
+    assert metrics["fit_objective"] == "log-loss"
+    assert metrics["val_log_loss"] <= min(metrics["member_val_log_loss"].values()) + 1e-9  # each alone is on the grid
     assert [m["deploy"] for m in metrics["members"]] == ["fp32", "int8"]
     artifact = Path(out["artifact"])
     manifest = json.loads((artifact / "student.json").read_text())
@@ -112,6 +113,11 @@ def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_di
     # Unchanged members and data: the ensemble is not rebuilt. A retrained member: it is.
     again = json.loads(_cli("train", "ens", "-C", root, "--json").stdout)["ens"]
     assert again["skipped"] and again["run_id"] == out["run_id"]
+    # weights fitted another way (an upgrade that changes the objective): refitted, members reused
+    monkeypatch.setattr("stillroom.train.ensemble.FIT_OBJECTIVE", "some later objective")
+    refit = json.loads(_cli("train", "ens", "-C", root, "--json").stdout)["ens"]
+    assert not refit["skipped"] and refit["run_id"] != out["run_id"]
+    assert [m["run_id"] for m in refit["metrics"]["members"]] == [m["run_id"] for m in metrics["members"]]
     _cli("train", "enc", "--force", "-C", root)
     rebuilt = json.loads(_cli("train", "ens", "-C", root, "--json").stdout)["ens"]
     assert not rebuilt["skipped"] and rebuilt["run_id"] != out["run_id"]

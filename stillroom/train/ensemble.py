@@ -23,9 +23,12 @@ from typing import Callable
 
 from stillroom.train.base import Prediction, TrainResult
 
-__all__ = ["EnsembleStudent", "fit_weights", "pool", "weight_grid", "build_ensemble"]
+__all__ = ["EnsembleStudent", "fit_weights", "log_loss", "pool", "weight_grid", "build_ensemble"]
 
 WEIGHT_STEP = 0.05  # grid spacing on the simplex: 21 points for 2 members, 231 for 3
+# What `fit_weights` minimises; part of an ensemble's fingerprint, so a project trained under an
+# earlier objective (validation agreement, before log-loss) refits its weights on the next `train`.
+FIT_OBJECTIVE = "log-loss"
 FLOOR = 1e-9  # a probability of 0 (a label a member never saw) would make its log -inf
 SKIP = ("checkpoint", "checkpoint.partial")  # resumable training state: not part of a member's artifact
 
@@ -47,6 +50,14 @@ def pool(member_probs, weights):
     return out / out.sum(axis=1, keepdims=True)
 
 
+def log_loss(probs, y) -> float:
+    """Mean negative log-probability of the right label (natural log)."""
+    import numpy as np
+
+    y = np.asarray(y)
+    return float(-np.log(np.maximum(probs[np.arange(len(y)), y], FLOOR)).mean())
+
+
 def fit_weights(member_probs, y, step: float = WEIGHT_STEP) -> tuple[tuple[float, ...], float, dict]:
     """(weights, validation agreement at them, agreement of each member alone): the grid point whose
     pooled probabilities have the lowest log-loss on `y`; among equal losses the weights closest to
@@ -61,11 +72,9 @@ def fit_weights(member_probs, y, step: float = WEIGHT_STEP) -> tuple[tuple[float
 
     y = np.asarray(y)
     k = len(member_probs)
-    rows = np.arange(len(y))
     best, best_key = None, None
     for w in weight_grid(k, step):
-        loss = float(-np.log(np.maximum(pool(member_probs, w)[rows, y], FLOOR)).mean())
-        key = (-round(loss, 12), -sum(abs(x - 1 / k) for x in w))
+        key = (-round(log_loss(pool(member_probs, w), y), 12), -sum(abs(x - 1 / k) for x in w))
         if best_key is None or key > best_key:
             best, best_key = w, key
     agreement = float((pool(member_probs, best).argmax(1) == y).mean())
@@ -116,7 +125,10 @@ def build_ensemble(members: list[tuple[str, Path]], val: list[tuple[str, str]], 
     if progress:
         progress(len(members) + 1, len(members) + 1)
     metrics = {"val_agreement": agreement, "weights": dict(zip(names, weights)),
-               "member_val_agreement": dict(zip(names, alone)), "member_val_seconds": seconds,
+               "member_val_agreement": dict(zip(names, alone)), "fit_objective": FIT_OBJECTIVE,
+               "val_log_loss": round(log_loss(pool(probs, weights), y), 6),
+               "member_val_log_loss": {n: round(log_loss(p, y), 6) for n, p in zip(names, probs)},
+               "member_val_seconds": seconds,
                "val_examples": len(val), "train_seconds": round(time.perf_counter() - start, 3)}
     return TrainResult(out_dir, metrics)
 

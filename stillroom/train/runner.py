@@ -156,8 +156,11 @@ def train_student(project: Project, name: str, force: bool = False,
     fp = fingerprint(project, student, lock.manifest_sha256, train, val)
     members = None
     if student.kind == "ensemble":  # its members first (each reused when already trained on this data)
+        from stillroom.train.ensemble import FIT_OBJECTIVE
+
         members = _ensemble_members(project, student, progress)
-        fp = hashlib.sha256(json.dumps([fp, members]).encode()).hexdigest()  # a retrained member: a new ensemble
+        # a retrained member, or a new way of fitting the weights: a new ensemble
+        fp = hashlib.sha256(json.dumps([fp, members, FIT_OBJECTIVE]).encode()).hexdigest()
     with project.store.engine.connect() as conn:
         previous = latest_run(conn, name) if sweep_id is None else _same_run(conn, name, fp)
         earlier = None

@@ -224,7 +224,6 @@ def promote_run(project, name: str, run_id: int) -> int:
     from sqlalchemy import func, insert, select, update
 
     from stillroom.store import tables as T
-    from stillroom.store.db import now
 
     runs = T.training_runs
     with project.store.engine.begin() as conn:
@@ -242,7 +241,8 @@ def promote_run(project, name: str, run_id: int) -> int:
         return conn.execute(insert(runs).values(
             student=name, kind=row.kind, status="finished", config=row.config, data_fingerprint=row.data_fingerprint,
             lock_id=row.lock_id, artifact_path=row.artifact_path, metrics=json.dumps(metrics, sort_keys=True),
-            sweep_id=row.sweep_id, provenance=row.provenance, started_at=now(), finished_at=now(),
+            sweep_id=row.sweep_id, provenance=row.provenance,  # when it was trained, not when reused
+            started_at=row.started_at, finished_at=row.finished_at,
         )).inserted_primary_key[0]
 
 
