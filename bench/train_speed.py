@@ -6,8 +6,10 @@ support-intents example, framed identically (`<|im_start|>user\\n{input}<|im_end
 assistant\\n{label}<|im_end|>`, checked token for token) with the loss on the answer tokens only
 (TRL: a prompt/completion dataset, `completion_only_loss=True`). SFTConfig defaults that differ from
 our recipe are set to match it: no gradient checkpointing. What stays TRL's own: random
-batches (padded to the longest row), its fused AdamW, and its chunked LM head, which on the CPU
-(no Triton) scores every position against the whole vocabulary and masks the prompt afterwards.
+batches (padded to the longest row), its fused AdamW, its chunked LM head, which on the CPU
+(no Triton) scores every position against the whole vocabulary and masks the prompt afterwards,
+and peft's `nn.Dropout` on the LoRA branches (ours draws the same p = 0.05 dropout's masks 16 bits
+at a time, `lora._cpu_lora_dropout`).
 
 Precision is measured both ways, since this CPU has native bf16 (Intel AMX): each trainer in fp32,
 and each in bf16 with the same model: frozen base weights stored in bf16, eager attention, LoRA
