@@ -58,7 +58,7 @@ def log_loss(probs, y) -> float:
     return float(-np.log(np.maximum(probs[np.arange(len(y)), y], FLOOR)).mean())
 
 
-def fit_weights(member_probs, y, step: float = WEIGHT_STEP) -> tuple[tuple[float, ...], float, dict]:
+def fit_weights(member_probs, y, step: float = WEIGHT_STEP) -> tuple[tuple[float, ...], float, list[float]]:
     """(weights, validation agreement at them, agreement of each member alone): the grid point whose
     pooled probabilities have the lowest log-loss on `y`; among equal losses the weights closest to
     equal (then the first in grid order).
