@@ -62,13 +62,15 @@ def write_result(name: str, dataset: str, quick: bool, metrics: dict, goals: dic
 
 
 def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99, extra: dict | None = None,
-                      train_rows: int | None = None):
+                      train_rows: int | None = None, unlabelled_rest: bool = False):
     """A Banking77 project set up as bench/banking77.py does: the test rows pinned to eval and locked,
     the train rows imported as the teacher's answers and split, eval copies excluded from training.
     `extra` adds stillroom.yaml sections; `train_rows` keeps a seeded random sample of the train file
-    (a team that labelled only that many). A folder that already holds such a project is reopened
-    with the config rewritten (data, split and lock kept), so students already trained on it are
-    reused (`train_student` skips an identical run). Returns (project, timings, info)."""
+    (a team that labelled only that many); with `unlabelled_rest` the other train inputs are imported
+    too, without answers (traffic the teacher never saw, for self-training). A folder that already
+    holds such a project is reopened with the config rewritten (data, split and lock kept), so
+    students already trained on it are reused (`train_student` skips an identical run).
+    Returns (project, timings, info)."""
     import time
 
     import yaml
@@ -96,11 +98,23 @@ def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99,
               "routing": {"target_agreement": target}, **(extra or {})}
     (work / "stillroom.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     project = Project.open(work)
+
+    def import_rest():  # idempotent: inputs already in the project are not added twice
+        rest = work / "train-unlabelled.csv"
+        if unlabelled_rest and train_rows and (work / "train-sample.csv").is_file():
+            source = work / "train.csv" if (work / "train.csv").is_file() else data / "train.csv"  # quick: its fifth
+            lines = source.read_text(encoding="utf-8").splitlines()
+            sample = set((work / "train-sample.csv").read_text(encoding="utf-8").splitlines()[1:])
+            rest.write_text("\n".join([lines[0]] + [l for l in lines[1:] if l not in sample]) + "\n", encoding="utf-8")
+            # the input column only: these rows reach the project with no answer
+            timed("import_unlabelled", import_file, project, rest, input_column="text", output_column="(none)")
+
     if reopen:  # a kept project (bench --keep): its data and lock are in place; the config is refreshed
         from stillroom.store.records import split_rows
 
         with project.store.engine.connect() as conn:
             split = {s: len(split_rows(conn, s)) for s in ("train", "validation", "calibration", "eval")}
+        import_rest()
         return project, seconds, {"split": split, "reopened": str(work)}
     train_csv, test_csv = data / "train.csv", data / "test.csv"
     if quick:  # every 5th row: the same pipeline in about a fifth of the time
@@ -122,6 +136,7 @@ def banking77_project(work: Path, data: Path, quick: bool, target: float = 0.99,
     t_train = timed("import_train", import_file, project, train_csv, **kw)
     split = timed("split", split_project, project)
     excluded = exclude_examples(project, [l["example_id"] for l in find_leaks(project)])
+    import_rest()  # after the split: unlabelled inputs get no split
     info = {"split": split.total, "leaks_excluded": excluded,
             "import_problems": len(t_eval.problems) + len(t_train.problems)}
     return project, seconds, info

@@ -244,6 +244,20 @@ class SweepConfig(_Strict):
         return values
 
 
+class PseudoLabelConfig(_Strict):
+    """Self-training: another student of the project labels the project's unlabelled inputs (captured
+    traffic the teacher never saw) and its most confident answers join this student's training rows.
+    Costs no teacher calls. Banking77 with 1,000 teacher labels and the other 9,003 inputs unlabelled:
+    a fine-tuned encoder went from 84.5% to 87.7% (docs/training.md, "Self-training")."""
+
+    student: Annotated[str, Field(min_length=1)]  # the labeller: another student here (an ensemble is fine)
+    # At most this many rows per label, the most confident first: balanced classes, and a cap that keeps
+    # the labeller's mistakes from outnumbering the teacher's rows.
+    per_label: Annotated[int, Field(ge=1, le=100_000)] = 60
+    # Rows whose label probability is below this are left out.
+    min_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.5
+
+
 class StudentConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")]
     # full: full fine-tuning, every weight trains; ensemble: pools the label probabilities of
@@ -279,6 +293,8 @@ class StudentConfig(_Strict):
     deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
     # The grid `stillroom sweep NAME` trains; None: the built-in default grid.
     sweep: SweepConfig | None = None
+    # Classification: add the confident answers of another student on the unlabelled inputs (self-training).
+    pseudo_labels: PseudoLabelConfig | None = None
 
     @model_validator(mode="after")
     def _ensemble_settings(self) -> "StudentConfig":
@@ -297,6 +313,13 @@ class StudentConfig(_Strict):
         if self.deploy != "fp32":
             raise ValueError("an ensemble runs its members' deployed artifacts: deploy must be 'fp32' "
                              "(set each member's deploy instead)")
+        return self
+
+    @model_validator(mode="after")
+    def _pseudo_labels_from_another(self) -> "StudentConfig":
+        if self.pseudo_labels is not None and self.pseudo_labels.student == self.name:
+            raise ValueError(f"pseudo_labels.student must be another student than '{self.name}': a student "
+                             "cannot label its own training rows before it is trained")
         return self
 
     @model_validator(mode="after")
@@ -525,6 +548,7 @@ class ProjectConfig(_Strict):
             if nested:
                 raise ValueError(f"student {s.name}: members {', '.join(nested)} are ensembles themselves; "
                                  "list their members instead")
+        _check_pseudo_labellers(self.students, by_name, self.task.type)
         if self.task.type != "classification":
             encoders = [s.name for s in self.students if s.kind == "encoder"]
             if encoders:
@@ -553,6 +577,32 @@ class ProjectConfig(_Strict):
             or self.database.url
             or f"sqlite:///{(workspace / 'stillroom.db').resolve()}"
         )
+
+
+def _check_pseudo_labellers(students: list[StudentConfig], by_name: dict[str, StudentConfig], task_type: str) -> None:
+    """Each `pseudo_labels.student` names a student here, the task classifies, and no student depends on
+    itself through labellers and ensemble members (each would wait for the other to be trained)."""
+    def needs(s: StudentConfig) -> list[str]:
+        return list(s.members or []) + ([s.pseudo_labels.student] if s.pseudo_labels else [])
+
+    for s in students:
+        if s.pseudo_labels is None:
+            continue
+        if task_type != "classification":
+            raise ValueError(f"student {s.name}: pseudo_labels needs a classification task (this one is "
+                             f"{task_type}); a generative student's answers are not confident labels")
+        if s.pseudo_labels.student not in by_name:
+            raise ValueError(f"student {s.name}: pseudo_labels.student '{s.pseudo_labels.student}' is not a "
+                             f"student here (students: {', '.join(by_name)})")
+    for s in students:
+        todo = [(n, [s.name, n]) for n in needs(s)]
+        while todo:
+            name, path = todo.pop()
+            if name == s.name:
+                raise ValueError(f"students {' -> '.join(path)}: each needs the next trained first, "
+                                 "so none can be; break the loop in pseudo_labels or members")
+            if name in by_name and len(path) <= len(by_name) + 1:
+                todo += [(n, path + [n]) for n in needs(by_name[name])]
 
 
 def _describe(value: Any) -> str:

@@ -41,6 +41,15 @@ def train(
                 alone = r["metrics"].get("member_val_agreement", {})
                 console().print(f"{n} pools " + ", ".join(
                     f"{m} x{w:g} (alone {pct(alone.get(m))})" for m, w in weights.items()))
+            pseudo = r["metrics"].get("pseudo_labels")
+            if pseudo and not pseudo["pool"]:
+                console().print(f"{n}: no unlabelled inputs to self-train on (import captured inputs without "
+                                "answers); trained on the labelled rows only")
+            elif pseudo:  # self-training: what the labeller added
+                console().print(
+                    f"{n} also trained on {pseudo['rows']:,} answers of {pseudo['labeller']} (run "
+                    f"{pseudo['labeller_run']}) to unlabelled inputs: {pseudo['confident']:,} of {pseudo['pool']:,} "
+                    f"at confidence >= {pseudo['min_confidence']:g}, at most {pseudo['per_label']:,} per label")
 
     emit(as_json, runs, show)
 

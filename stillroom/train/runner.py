@@ -65,9 +65,10 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
 
 def run_config(student: StudentConfig) -> dict:
     """The config a run records and is fingerprinted by: the student without its sweep grid
-    (editing the grid does not change what a plain `stillroom train` produces). `members` only when
-    set (an ensemble), so runs recorded before that field existed keep their fingerprint."""
-    return student.model_dump(mode="json", exclude={"sweep"} | ({"members"} if student.members is None else set()))
+    (editing the grid does not change what a plain `stillroom train` produces). `members` and
+    `pseudo_labels` only when set, so runs recorded before those fields existed keep their fingerprint."""
+    unset = {f for f in ("members", "pseudo_labels") if getattr(student, f) is None}
+    return student.model_dump(mode="json", exclude={"sweep"} | unset)
 
 
 def configured_student(project: Project, name: str, overrides: dict | None = None) -> StudentConfig:
@@ -153,6 +154,12 @@ def train_student(project: Project, name: str, force: bool = False,
     train, val = training_data(project)
     if not train:
         raise ProjectError("the train split is empty; import data and run `stillroom split` first")
+    pseudo = None
+    if student.pseudo_labels is not None:  # the labeller's confident answers on unlabelled inputs
+        from stillroom.train.pseudo import pseudo_labelled_rows
+
+        rows, pseudo = pseudo_labelled_rows(project, student, progress=progress)
+        train = train + rows
     fp = fingerprint(project, student, lock.manifest_sha256, train, val)
     members = None
     if student.kind == "ensemble":  # its members first (each reused when already trained on this data)
@@ -205,6 +212,8 @@ def train_student(project: Project, name: str, force: bool = False,
         else:
             result = trainer(student.kind)(train, val, project.task.labels, out_dir, args,
                                            student_format=student_format(project), progress=progress, **extra)
+            if pseudo is not None:
+                result.metrics["pseudo_labels"] = pseudo
         from stillroom.train.manifest import write_run_manifest
 
         write_run_manifest(out_dir, student=run_config(student), fingerprint=fp, lock_sha=lock.manifest_sha256,
