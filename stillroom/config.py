@@ -254,8 +254,10 @@ class PseudoLabelConfig(_Strict):
     # At most this many rows per label, the most confident first: balanced classes, and a cap that keeps
     # the labeller's mistakes from outnumbering the teacher's rows.
     per_label: Annotated[int, Field(ge=1, le=100_000)] = 60
-    # Rows whose label probability is below this are left out.
-    min_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.5
+    # Rows whose label probability is below this are left out. Off by default: the per-label cap already
+    # keeps the surest, and a floor starves the labels the labeller is least sure of (Banking77 at 1,000
+    # labels: a 0.5 floor kept 3,704 rows over 75 labels and scored 85.65%, against 87.69% without it).
+    min_confidence: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
 class StudentConfig(_Strict):
