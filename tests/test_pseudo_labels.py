@@ -87,6 +87,7 @@ def test_self_trained_student_learns_from_the_unlabelled_inputs(tmp_path):
             f.write(json.dumps({"input": text}) + "\n")
     report = json.loads(_cli("import", root / "traffic.jsonl", "-C", root, "--json").stdout)
     assert report["unlabelled"] == 31
+    assert "31 unlabelled example(s) were not placed" in _cli("split", "-C", root).stdout  # and where they can go
 
     project = Project.open(root)
     pool = unlabelled_pool(project)
@@ -123,3 +124,32 @@ def test_self_trained_student_learns_from_the_unlabelled_inputs(tmp_path):
     st_eval = evaluation["st"] if "st" in evaluation else evaluation
     assert 0.5 <= st_eval["agreement"] <= 1
     assert Path(grown["artifact"]).is_dir()
+
+
+def test_a_labeller_that_deploys_int8_labels_with_its_int8_artifact(tmp_path, tiny_llama_dir):
+    root = tmp_path / "p"
+    _cli("init", root)
+    students = (f"  - {{name: lora, kind: lora, base_model: '{tiny_llama_dir}', epochs: 1, learning_rate: 0.005,"
+                " rank: 4, batch_size: 16, deploy: int8}\n"
+                "  - {name: st, kind: encoder, pseudo_labels: {student: lora, per_label: 4}}\n")
+    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
+    write_chat_jsonl(root / "data.jsonl", synthetic_rows(12))
+    (root / "traffic.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t, _ in synthetic_rows(6, seed=5)),
+                                        encoding="utf-8")
+    for stage in ("import", "split", "lock"):
+        _cli(stage, *([root / "data.jsonl"] if stage == "import" else []), "-C", root)
+    _cli("import", root / "traffic.jsonl", "-C", root)
+
+    info = json.loads(_cli("train", "st", "-C", root, "--json").stdout)["st"]["metrics"]["pseudo_labels"]
+    assert info["pool"] == 18 and 1 <= info["rows"] <= 12  # at most 4 for each of 3 labels
+    # the labeller was trained, its int8 artifact exported and evaluated, and that artifact answered
+    cache = root / ".stillroom" / "artifacts" / "pseudo-labels" / f"lora-run{info['labeller_run']}-int8.json"
+    assert len(json.loads(cache.read_text())) == 18
+    from stillroom.project import Project
+    from stillroom.train.artifacts import latest_artifact
+
+    project = Project.open(root)
+    with project.store.engine.connect() as conn:
+        artifact = latest_artifact(conn, info["labeller_run"], "int8")
+    project.close()
+    assert artifact is not None and Path(artifact["path"]).is_dir()

@@ -82,7 +82,10 @@ def split(
         table("Splits", ["split", "added now", "total"],
                [[s, report.assigned.get(s, 0), n] for s, n in report.total.items()])
         if report.unlabelled_skipped:
-            console().print(f"{report.unlabelled_skipped} unlabelled example(s) were not placed.")
+            self_train = (", or a student with `pseudo_labels` trains on them (self-training, no teacher calls)"
+                          if project.task.type == "classification" else "")
+            console().print(f"{report.unlabelled_skipped} unlabelled example(s) were not placed: "
+                            f"`stillroom label` asks the teacher for them{self_train}.")
         if exclude_leaks:
             console().print(f"{payload['excluded_leaks']} leaking example(s) taken out of training.")
 

@@ -90,11 +90,16 @@ def select_rows(pool: list[tuple[str, str]], answers: dict[str, list], per_label
 def pseudo_labelled_rows(project: Project, student: StudentConfig,
                          progress: Callable[[int, int], None] | None = None) -> tuple[list[tuple[str, str]], dict]:
     """The rows `student.pseudo_labels` adds to training, and what the run records about them. The
-    labelling student is trained first when it has no current run for this data."""
+    labelling student is trained first when it has no current run for this data, and its deployed
+    artifact exported (and re-evaluated) first when it is missing."""
     from stillroom.train.runner import train_student
 
     spec = student.pseudo_labels
     train_student(project, spec.student, progress=progress)
+    if project.config.student(spec.student).deploy != "fp32":  # it labels with what it deploys, as in serving
+        from stillroom.train.export import export_deployed
+
+        export_deployed(project, spec.student)
     pool = unlabelled_pool(project)
     answers, run_id = pool_answers(project, spec.student, pool, progress=progress) if pool else ({}, None)
     rows = select_rows(pool, answers, spec.per_label, spec.min_confidence) if pool else []
