@@ -99,6 +99,11 @@ def test_self_trained_student_learns_from_the_unlabelled_inputs(tmp_path):
     assert info["labeller"] == "enc" and info["pool"] == 30 and info["per_label"] == 5
     assert 3 <= info["rows"] <= 15 and info["rows"] <= info["confident"]  # at most 5 for each of 3 labels
     assert out["metrics"]["train_examples"] == n_train + info["rows"]
+    # what the student was taught, for review: each added row with the labeller's confidence
+    audit = [json.loads(line) for line in (Path(out["artifact"]) / info["file"]).read_text().splitlines()]
+    assert len(audit) == info["rows"] and {r["input"] for r in audit} <= set(unlabelled)
+    assert min(r["confidence"] for r in audit) == info["lowest_confidence_kept"] >= 0.4
+    assert "audit" not in info  # the rows live in the file, not in the database
     cache = root / ".stillroom" / "artifacts" / "pseudo-labels" / f"enc-run{info['labeller_run']}-fp32.json"
     answers = json.loads(cache.read_text())
     assert len(answers) == 30 and all(label in ("billing", "shipping", "other") for label, _ in answers.values())

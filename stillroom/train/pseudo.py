@@ -24,6 +24,7 @@ from stillroom.store import tables as T
 from stillroom.store.records import split_assignments
 
 PREDICT_BATCH = 64  # pool inputs per predict() call: one progress step each
+AUDIT_FILE = "pseudo-labels.jsonl"  # in the run folder: the rows the labeller added
 
 
 def unlabelled_pool(project: Project) -> list[tuple[str, str]]:
@@ -107,6 +108,22 @@ def pseudo_labelled_rows(project: Project, student: StudentConfig,
     for _, label in rows:
         by_label[label] = by_label.get(label, 0) + 1
     confident = sum(1 for h, _ in pool if answers[h][1] >= spec.min_confidence)
+    confidence = {text: answers[h][1] for h, text in pool}
+    lowest = min((confidence[text] for text, _ in rows), default=None)
     return rows, {"labeller": spec.student, "labeller_run": run_id, "pool": len(pool),
                   "confident": confident, "rows": len(rows), "labels": len(by_label),
-                  "per_label": spec.per_label, "min_confidence": spec.min_confidence}
+                  "per_label": spec.per_label, "min_confidence": spec.min_confidence,
+                  "lowest_confidence_kept": lowest,
+                  "audit": [{"input": text, "label": label, "confidence": confidence[text]} for text, label in rows]}
+
+
+def write_audit(out_dir: Path, info: dict) -> dict:
+    """Move the selected rows out of `info` into `<run folder>/pseudo-labels.jsonl`, one row each
+    (input, label, the labeller's confidence), so what the student was taught can be read and
+    reviewed; returns the rest of `info` for the run's metrics."""
+    rest = {k: v for k, v in info.items() if k != "audit"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / AUDIT_FILE, "w", encoding="utf-8") as f:
+        for row in info.get("audit", []):
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return {**rest, "file": AUDIT_FILE}

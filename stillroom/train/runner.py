@@ -213,7 +213,9 @@ def train_student(project: Project, name: str, force: bool = False,
             result = trainer(student.kind)(train, val, project.task.labels, out_dir, args,
                                            student_format=student_format(project), progress=progress, **extra)
             if pseudo is not None:
-                result.metrics["pseudo_labels"] = pseudo
+                from stillroom.train.pseudo import write_audit
+
+                result.metrics["pseudo_labels"] = write_audit(out_dir, pseudo)
         from stillroom.train.manifest import write_run_manifest
 
         write_run_manifest(out_dir, student=run_config(student), fingerprint=fp, lock_sha=lock.manifest_sha256,
