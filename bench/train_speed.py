@@ -9,7 +9,8 @@ our recipe are set to match it: no gradient checkpointing. What stays TRL's own:
 batches (padded to the longest row), its fused AdamW, its chunked LM head, which on the CPU
 (no Triton) scores every position against the whole vocabulary and masks the prompt afterwards,
 and peft's `nn.Dropout` on the LoRA branches (ours draws the same p = 0.05 dropout's masks 16 bits
-at a time, `lora._cpu_lora_dropout`).
+at a time, `lora._cpu_lora_dropout`, and runs each LoRA layer as one autograd function,
+`fused_lora`).
 
 Precision is measured both ways, since this CPU has native bf16 (Intel AMX): each trainer in fp32,
 and each in bf16 with the same model: frozen base weights stored in bf16, eager attention, LoRA
