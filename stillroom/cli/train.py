@@ -18,14 +18,19 @@ def train(
     project_dir: ProjectDir = Path("."),
     as_json: JsonFlag = False,
 ):
-    """Train students on the train split. Refuses while the eval set is unlocked, changed, or leaks into training."""
+    """Train students on the train split. Refuses while the eval set is unlocked, changed, or leaks into training.
+
+    lora and full students also train data-parallel across processes, one per GPU (or CPU socket):
+    `torchrun --nproc_per_node 4 -m stillroom train NAME`."""
+    from stillroom.train.distributed import world
     from stillroom.train.runner import train_student
 
     project = open_project(project_dir)
     names = students or [s.name for s in project.config.students]
+    main = world().main  # under torchrun, only rank 0 reports
     runs = {}
     for name in names:
-        with bar(f"train {name}", enabled=not as_json) as update:
+        with bar(f"train {name}", enabled=not as_json and main) as update:
             run = train_student(project, name, force=force, progress=update)
         runs[name] = {"run_id": run["id"], "skipped": run["skipped"], "reused_run": run.get("reused_run"),
                       "metrics": run["metrics"], "artifact": run["artifact_path"]}
@@ -51,7 +56,8 @@ def train(
                     f"{pseudo['labeller_run']}) to unlabelled inputs: {pseudo['confident']:,} of {pseudo['pool']:,} "
                     f"at confidence >= {pseudo['min_confidence']:g}, at most {pseudo['per_label']:,} per label")
 
-    emit(as_json, runs, show)
+    if main:
+        emit(as_json, runs, show)
 
 
 def _list(flag: str, raw: str | None, cast, what: str) -> list | None:

@@ -71,7 +71,8 @@ def _fused_forward(self, x, *args, **kwargs):
     global _FUSED
     adapter = self.active_adapters[0] if len(self.active_adapters) == 1 else None
     if (args or kwargs or self.disable_adapters or self.merged or adapter not in self.lora_A
-            or self.base_layer.weight.requires_grad):
+            or self.base_layer.weight.requires_grad
+            or (self.base_layer.bias is not None and self.base_layer.bias.requires_grad)):
         return self._peft_forward(x, *args, **kwargs)
     if _FUSED is None:
         _FUSED = _fn()

@@ -24,7 +24,7 @@ from typing import Callable
 
 from stillroom.cpus import set_torch_threads, usable_cpus
 from stillroom.train.base import Prediction, TrainResult
-from stillroom.train import fused_lora
+from stillroom.train import distributed, fused_lora
 from stillroom.train.decoding import decode_answers, json_constraint
 
 __all__ = ["LoraConfig", "LoraStudent", "train_lora", "train_full"]
@@ -134,6 +134,32 @@ def _cpu_lora_dropout(model) -> int:
                 branches[name] = _MaskDropout(dropout.p)
                 swapped += 1
     return swapped
+
+
+def _answer_loss_module():
+    import torch
+
+    class AnswerLoss(torch.nn.Module):
+        """Summed cross-entropy of the answer tokens, as one module so DistributedDataParallel sees
+        the forward. Vocabulary logits only where an answer token is predicted: on every position
+        the LM head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor."""
+
+        def __init__(self, model, decoder, head):
+            super().__init__()
+            self.model = model  # registers the trainable weights; the parts below are inside it
+            self._parts = (decoder, head)
+
+        def forward(self, ids, mask, rows, cols, targets):
+            decoder, head = self._parts
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            logits = head(hidden[rows, cols])
+            return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+    return AnswerLoss
+
+
+def _answer_loss(model, decoder, head):
+    return _answer_loss_module()(model, decoder, head)
 
 
 def resolve_base_model(name_or_path: str) -> Path:
@@ -445,7 +471,7 @@ def _load_base(base_dir: Path, config: LoraConfig, device: str):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": 0},
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": torch.cuda.current_device()},
                                                 dtype=torch.bfloat16)
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
 
@@ -511,6 +537,9 @@ def train_lora(
             f"LoraConfig.rank={config.rank}: must not exceed the base model's hidden size ({hidden_size})"
         )
     # GPU when there is one: bf16 autocast and gradient checkpointing. Never needed by the tests.
+    # Under torchrun each process takes a share of every batch (`distributed.py`); "cuda" is then
+    # the process's own GPU (LOCAL_RANK).
+    world = distributed.world()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(config.threads or usable_cpus())
     random.seed(config.seed)
@@ -560,6 +589,12 @@ def train_lora(
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not config.full:
             lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
+    objective = _answer_loss(model, decoder, head)
+    if world.parallel:  # gradients averaged across processes in backward; the same start everywhere
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
+            broadcast_buffers=False)
+        torch.manual_seed(config.seed + 1_000_003 * world.rank)  # each process its own dropout masks
     constraint = json_constraint(tokenizer, info, head.weight.shape[0], frame[2])
 
     lengths = [len(p) + len(a) for p, a in zip(train_prompts, train_answers)]
@@ -593,19 +628,23 @@ def train_lora(
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             rng.setstate(saved["rng_python"])
-            torch.set_rng_state(saved["rng_torch"])
+            ranks = saved.get("rng_torch_by_rank")
+            torch.set_rng_state(ranks[world.rank] if ranks and len(ranks) == world.size else saved["rng_torch"])
             if device == "cuda" and saved.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(saved["rng_cuda"])
             state = {**saved["state"], "resumed_from_step": saved["state"]["step"]}
 
     def checkpoint() -> None:
-        """Everything the loop needs to continue bit-for-bit; written atomically."""
+        """Everything the loop needs to continue bit-for-bit; written atomically (by rank 0)."""
+        rng_by_rank = distributed.gather(torch.get_rng_state()) if world.parallel else None
+        if not world.main:
+            return
         folder = out_dir / CHECKPOINT_DIR
         folder.mkdir(exist_ok=True)
         tmp = folder / "state.pt.partial"
         torch.save({"inputs_hash": inputs_hash, "state": state, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "rng_python": rng.getstate(),
-                    "rng_torch": torch.get_rng_state(),
+                    "rng_torch": torch.get_rng_state(), "rng_torch_by_rank": rng_by_rank,
                     "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
                     "weights": {n: p.detach().cpu() for n, p in trainable}}, tmp)
         os.replace(tmp, folder / "state.pt")
@@ -619,6 +658,13 @@ def train_lora(
             state["batches"] = _length_bucketed_batches(lengths, config.batch_size, rng)
         while state["batch"] < len(state["batches"]):
             batch = state["batches"][state["batch"]]
+            answer_tokens = sum(len(train_answers[i]) for i in batch)
+            batch_tokens = sum(lengths[i] for i in batch)
+            # This process's share of the batch (all of it in one process). A share left empty by a
+            # short last batch still runs one row, weighted 0, so every process joins the all-reduce.
+            share = batch[world.rank::world.size]
+            weight = world.size / answer_tokens if share else 0.0
+            batch = share or batch[:1]
             width = max(lengths[i] for i in batch)
             ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -633,12 +679,10 @@ def train_lora(
                     cols.append(len(prompt) - 1 + k)
                     targets.append(token)
             with autocast:
-                hidden = decoder(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 use_cache=False).last_hidden_state
-                # Vocabulary logits only where an answer token is predicted: on every position the LM
-                # head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor.
-                logits = head(hidden[rows, cols])
-            loss = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets, device=device))
+                # mean cross-entropy over the whole batch's answer tokens (the sum here times `weight`;
+                # DistributedDataParallel then averages over the processes)
+                loss = objective(ids.to(device), mask.to(device), rows, cols,
+                                 torch.tensor(targets, device=device)) * weight
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
@@ -646,12 +690,12 @@ def train_lora(
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["batch"] += 1
-            state["train_tokens"] += int(mask.sum())
+            state["train_tokens"] += batch_tokens
             if config.checkpoint_every and state["step"] % config.checkpoint_every == 0:
                 state["loop_seconds"] += time.perf_counter() - epoch_start
                 epoch_start = time.perf_counter()
                 checkpoint()
-            if progress is not None:
+            if progress is not None and world.main:
                 progress(state["step"], total_steps)
         state["loop_seconds"] += time.perf_counter() - epoch_start
 
@@ -671,9 +715,10 @@ def train_lora(
 
         # --- checkpoint: the best epoch's weights are what stay on disk ----------------------
         stop = False
-        if score > state["best"]:
+        if score > state["best"]:  # every process scores the same weights, so all stop together
             state["best"], state["best_agreement"], state["best_epoch"] = score, agreement, epoch
-            model.save_pretrained(out_dir)
+            if world.main:
+                model.save_pretrained(out_dir)
         elif epoch - state["best_epoch"] >= 1:
             stop = True  # early stopping: no improvement for one epoch
         if state["best"] >= 1.0:
@@ -684,8 +729,9 @@ def train_lora(
             checkpoint()  # an epoch boundary: a resume must not redo the validation
 
     # --- cleanup -----------------------------------------------------------------------------
-    tokenizer.save_pretrained(out_dir)
-    shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
+    if world.main:
+        tokenizer.save_pretrained(out_dir)
+        shutil.rmtree(out_dir / CHECKPOINT_DIR, ignore_errors=True)
     metrics = {
         "val_agreement": state["best_agreement"],  # share of val answers that agree with the teacher
         "best_epoch": state["best_epoch"],
@@ -699,6 +745,7 @@ def train_lora(
         "val_examples": len(val),
         "resumed_from_step": state["resumed_from_step"],
         "device": device,
+        "processes": world.size,  # > 1: data-parallel under torchrun, train_tokens_per_s is all of them
     }
     if generative:
         metrics["val_score"] = state["best"]  # mean task.score (the task's metric) on the decoded val subset
@@ -712,8 +759,11 @@ def train_lora(
         "config": asdict(config),
         "metrics": metrics,
     }
-    (out_dir / "student.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    del model, base
+    if world.main:
+        (out_dir / "student.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    if world.parallel:
+        distributed.barrier()  # the other processes return once the student folder is written
+    del model, base, objective
     return TrainResult(path=out_dir, metrics=metrics)
 
 

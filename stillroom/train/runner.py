@@ -12,6 +12,7 @@ from stillroom.curate.lock import check_no_leakage, verify_lock
 from stillroom.project import Project, ProjectError
 from stillroom.store import tables as T
 from stillroom.store.records import finish_run, latest_run, start_run
+from stillroom.train import distributed
 from stillroom.train.registry import trainer
 
 
@@ -147,8 +148,52 @@ def train_student(project: Project, name: str, force: bool = False,
     `overrides` replaces config fields for this run only (a sweep point). With `sweep_id` the run
     is recorded as a trial of that sweep: it does not become the student's current run (the one
     `eval`, `export` and `serve` use) until the sweep promotes it, and an identical earlier run
-    (finished or trial) is reused instead of trained again."""
+    (finished or trial) is reused instead of trained again.
+
+    Under torchrun (WORLD_SIZE > 1) every process calls this; rank 0 does all of the above and the
+    others train their share of each batch (`distributed.py`) and return a record without writing one."""
     student = configured_student(project, name, overrides)
+    world = distributed.world()
+    if world.parallel:
+        if student.kind not in ("lora", "full") or sweep_id is not None:
+            raise ProjectError(f"students.{name} is a{'n' if student.kind[0] in 'ae' else ''} {student.kind} student"
+                               f"{' in a sweep' if sweep_id else ''}: only a plain `stillroom train` of lora and "
+                               "full students runs across processes (torchrun); train this one as one process")
+        if not world.main:  # rank 0 decides, records and writes; this process trains its share
+            return _follow(project, student, name)
+    told: list[bool] = []
+
+    def tell(decision: dict | None) -> None:
+        """Rank 0's decision (train, reuse, or stopped) to the other processes, once."""
+        if world.parallel and not told:
+            told.append(True)
+            distributed.share(decision)
+
+    try:
+        return _train_student(project, name, student, force, progress, sweep_id, tell)
+    except BaseException:
+        tell(None)
+        raise
+
+
+def _follow(project: Project, student: StudentConfig, name: str) -> dict:
+    """A process other than rank 0 under torchrun: train on rank 0's rows into rank 0's run folder."""
+    from pathlib import Path
+
+    decision = distributed.share()
+    if decision is None:
+        raise ProjectError(f"training {name} stopped in the first process (rank 0); its output says why")
+    run = {"id": decision["run_id"], "skipped": decision["skip"], "reused_run": None, "metrics": {},
+           "artifact_path": decision.get("out_dir")}
+    if not decision["skip"]:
+        result = trainer(student.kind)(decision["train"], decision["val"], project.task.labels,
+                                       Path(decision["out_dir"]), _student_args(student),
+                                       student_format=student_format(project), task=project.task)
+        run["metrics"] = result.metrics
+    return run
+
+
+def _train_student(project: Project, name: str, student: StudentConfig, force: bool, progress, sweep_id, tell):
     lock = verify_lock(project)
     check_no_leakage(project)
     train, val = training_data(project)
@@ -182,6 +227,7 @@ def train_student(project: Project, name: str, force: bool = False,
         previous["reused_run"] = earlier["id"]
     if previous and previous["data_fingerprint"] == fp and not force:
         previous["skipped"] = True
+        tell({"skip": True, "run_id": previous["id"]})
         return previous
 
     try:
@@ -201,6 +247,7 @@ def train_student(project: Project, name: str, force: bool = False,
             if folder(run_id).exists():
                 shutil.rmtree(folder(run_id))
     out_dir = folder(run_id)
+    tell({"skip": False, "run_id": run_id, "out_dir": str(out_dir), "train": train, "val": val})
     extra = {} if student.kind == "encoder" else {"task": project.task}
     try:
         if members is not None:

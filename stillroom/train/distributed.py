@@ -1,0 +1,73 @@
+"""Data-parallel training across processes started by `torchrun` (or `accelerate launch`).
+
+Every process runs the same `stillroom train NAME`. Rank 0 alone decides whether to train (an
+identical run is reused), records the run, writes the student folder and prints; the others
+receive its decision, train their share of each batch and return. Gradients are averaged by
+`torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on CPUs). A single process, the
+usual case, never touches `torch.distributed`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+_NOT_GIVEN = object()
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from the launcher's environment; the process group is started on
+    first use (NCCL when CUDA is there, gloo otherwise)."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if size <= 1:
+        return World()
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Long enough for rank 0's work before the first collective (a self-training labeller, say).
+        dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def share(value=_NOT_GIVEN):
+    """Rank 0's `value`, on every rank (each other rank calls it with no argument)."""
+    import torch.distributed as dist
+
+    box = [value if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather(value) -> list:
+    """Every rank's `value`, in rank order, on every rank."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()

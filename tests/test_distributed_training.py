@@ -1,0 +1,109 @@
+"""Data-parallel training under torchrun: two real processes on loopback (gloo on the CPU)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import LABELS, project_yaml, synthetic_rows, write_chat_jsonl
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def torchrun(*args, cwd=None, timeout=600):
+    """`torchrun --standalone --nproc_per_node 2 ...` as a user runs it; one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TRAIN_SCRIPT = '''
+import json, sys
+from pathlib import Path
+from stillroom.train.lora import LoraConfig, train_lora
+rows = [tuple(r) for r in json.loads(Path(sys.argv[1]).read_text())]
+config = LoraConfig(base_model=sys.argv[2], rank=4, dropout=0.0, epochs=2, batch_size=5, learning_rate=5e-3,
+                    threads=1, checkpoint_every=0)
+result = train_lora(rows[:31], rows[31:], sorted(set(y for _, y in rows)), Path(sys.argv[3]), config)
+print("METRICS", json.dumps(result.metrics))
+'''
+
+
+def adapter(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, tiny_llama_dir):
+    """Each process takes its half of every batch (5 rows: 3 and 2; the last batch's single row
+    leaves the second process an empty share) and gradients are averaged, so two processes reach
+    the weights one process does, to float rounding."""
+    rows = synthetic_rows(14)[:40]  # 31 train rows in batches of 5 (the last has 1); val 9
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_SCRIPT)
+    done = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "two")
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("METRICS")]
+    assert len(printed) == 2 and all(m["processes"] == 2 for m in printed)
+    assert printed[0]["val_agreement_by_epoch"] == printed[1]["val_agreement_by_epoch"]  # both stop alike
+
+    import torch
+
+    from stillroom.train.lora import LoraConfig, train_lora
+
+    torch.set_num_threads(1)
+    config = LoraConfig(base_model=str(tiny_llama_dir), rank=4, dropout=0.0, epochs=2, batch_size=5,
+                        learning_rate=5e-3, threads=1, checkpoint_every=0)
+    one = train_lora(rows[:31], rows[31:], sorted(LABELS), tmp_path / "one", config)
+    assert one.metrics["processes"] == 1 and one.metrics["train_tokens"] == printed[0]["train_tokens"]
+    two, single = adapter(tmp_path / "two"), adapter(tmp_path / "one")
+    assert sorted(two) == sorted(single) and single
+    for name, weight in single.items():
+        assert weight.abs().max() > 0  # B starts at 0: every weight here was trained
+        torch.testing.assert_close(two[name], weight, rtol=1e-4, atol=1e-5 * weight.abs().max().item())
+    assert not (tmp_path / "two" / "checkpoint").exists()
+
+
+def test_torchrun_stillroom_train_records_one_run_and_reports_once(tmp_path, tiny_llama_dir):
+    root = tmp_path / "p"
+    students = (f"  - {{name: lora, kind: lora, base_model: '{tiny_llama_dir}', epochs: 1, learning_rate: 0.005,"
+                " rank: 4, batch_size: 8}\n  - {name: enc, kind: encoder}\n")
+    env_cli = [sys.executable, "-m", "stillroom"]
+    subprocess.run([*env_cli, "init", str(root)], check=True, capture_output=True, cwd=ROOT)
+    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
+    write_chat_jsonl(root / "data.jsonl", synthetic_rows(12))
+    for stage in (["import", str(root / "data.jsonl")], ["split"], ["lock"]):
+        subprocess.run([*env_cli, *stage, "-C", str(root)], check=True, capture_output=True, cwd=ROOT)
+
+    first = torchrun("-m", "stillroom", "train", "lora", "-C", root, "--json", cwd=ROOT)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads(first.stdout)  # one JSON document: only rank 0 printed
+    assert report["lora"]["skipped"] is False and report["lora"]["metrics"]["processes"] == 2
+    assert (Path(report["lora"]["artifact"]) / "adapter_model.safetensors").is_file()
+
+    from stillroom.project import Project
+    from stillroom.store.records import latest_run
+
+    project = Project.open(root)
+    with project.store.engine.connect() as conn:
+        run = latest_run(conn, "lora")
+        count = conn.exec_driver_sql("SELECT count(*) FROM training_runs").scalar()
+    project.close()
+    assert run["status"] == "finished" and run["id"] == report["lora"]["run_id"] and count == 1
+
+    again = torchrun("-m", "stillroom", "train", "lora", "-C", root, "--json", cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout)["lora"]["skipped"] is True  # rank 0's decision reached rank 1: no hang
+
+    refused = torchrun("-m", "stillroom", "train", "enc", "-C", root, cwd=ROOT)
+    assert refused.returncode != 0
+    assert "only a plain `stillroom train` of lora and full students runs across processes" in refused.stderr
