@@ -107,3 +107,41 @@ def test_torchrun_stillroom_train_records_one_run_and_reports_once(tmp_path, tin
     refused = torchrun("-m", "stillroom", "train", "enc", "-C", root, cwd=ROOT)
     assert refused.returncode != 0
     assert "only a plain `stillroom train` of lora and full students runs across processes" in refused.stderr
+
+
+RESUME_SCRIPT = '''
+import json, sys
+from pathlib import Path
+from stillroom.train.lora import LoraConfig, train_lora
+rows = [tuple(r) for r in json.loads(Path(sys.argv[1]).read_text())]
+stop = int(sys.argv[4])
+def progress(step, total):  # called on rank 0 only; its death takes the other process down too
+    if step == stop:
+        raise SystemExit(3)
+config = LoraConfig(base_model=sys.argv[2], rank=4, dropout=0.1, epochs=2, batch_size=5, learning_rate=5e-3,
+                    threads=1, checkpoint_every=3)
+result = train_lora(rows[:31], rows[31:], sorted(set(y for _, y in rows)), Path(sys.argv[3]), config,
+                    progress=progress)
+print("METRICS", json.dumps(result.metrics))
+'''
+
+
+def test_a_killed_two_process_run_resumes_with_each_process_random_state(tmp_path, tiny_llama_dir):
+    """Dropout on: each process draws its own masks, and a resume must restore each one's generator,
+    so the resumed run ends with exactly the weights of a run that was never stopped."""
+    import torch
+
+    rows = synthetic_rows(14)[:40]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = tmp_path / "resume.py"
+    script.write_text(RESUME_SCRIPT)
+    straight = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "straight", 0)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "resumed", 10)  # epoch 2
+    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoint" / "state.pt").is_file()
+    resumed = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "resumed", 0)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    metrics = [json.loads(line.split(" ", 1)[1]) for line in resumed.stdout.splitlines() if line.startswith("METRICS")]
+    assert [m["resumed_from_step"] for m in metrics] == [9, 9]
+    a, b = adapter(tmp_path / "straight"), adapter(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
