@@ -630,13 +630,19 @@ def train_lora(
             rng.setstate(saved["rng_python"])
             ranks = saved.get("rng_torch_by_rank")
             torch.set_rng_state(ranks[world.rank] if ranks and len(ranks) == world.size else saved["rng_torch"])
-            if device == "cuda" and saved.get("rng_cuda") is not None:
+            cuda_ranks = saved.get("rng_cuda_by_rank")
+            if device == "cuda" and cuda_ranks and len(cuda_ranks) == world.size:
+                torch.cuda.set_rng_state(cuda_ranks[world.rank])
+            elif device == "cuda" and saved.get("rng_cuda") is not None:
                 torch.cuda.set_rng_state(saved["rng_cuda"])
             state = {**saved["state"], "resumed_from_step": saved["state"]["step"]}
 
     def checkpoint() -> None:
         """Everything the loop needs to continue bit-for-bit; written atomically (by rank 0)."""
-        rng_by_rank = distributed.gather(torch.get_rng_state()) if world.parallel else None
+        rng_by_rank = cuda_by_rank = None
+        if world.parallel:  # each process's own generators (its dropout masks), kept by rank 0
+            rng_by_rank = distributed.gather(torch.get_rng_state())
+            cuda_by_rank = distributed.gather(torch.cuda.get_rng_state()) if device == "cuda" else None
         if not world.main:
             return
         folder = out_dir / CHECKPOINT_DIR
@@ -646,6 +652,7 @@ def train_lora(
                     "scheduler": scheduler.state_dict(), "rng_python": rng.getstate(),
                     "rng_torch": torch.get_rng_state(), "rng_torch_by_rank": rng_by_rank,
                     "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
+                    "rng_cuda_by_rank": cuda_by_rank,
                     "weights": {n: p.detach().cpu() for n, p in trainable}}, tmp)
         os.replace(tmp, folder / "state.pt")
 
