@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from stillroom.cpus import set_torch_threads, usable_cpus
-from stillroom.train.base import Prediction, TrainResult
 from stillroom.train import distributed, fused_lora
+from stillroom.train.base import Prediction, TrainResult
 from stillroom.train.decoding import decode_answers, json_constraint
 
 __all__ = ["LoraConfig", "LoraStudent", "train_lora", "train_full"]
@@ -471,8 +471,8 @@ def _load_base(base_dir: Path, config: LoraConfig, device: str):
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=torch.bfloat16)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": torch.cuda.current_device()},
-                                                dtype=torch.bfloat16)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, dtype=torch.bfloat16,
+                                                device_map={"": torch.cuda.current_device()})
     return prepare_model_for_kbit_training(base, use_gradient_checkpointing=True)
 
 
