@@ -2,9 +2,10 @@
 
 Every process runs the same `stillroom train NAME`. Rank 0 alone decides whether to train (an
 identical run is reused), records the run, writes the student folder and prints; the others
-receive its decision, train their share of each batch and return. Gradients are averaged by
-`torch.nn.parallel.DistributedDataParallel` (NCCL on GPUs, gloo on CPUs). A single process, the
-usual case, never touches `torch.distributed`.
+receive its decision, train their share of each batch and return. A LoRA's gradients are
+averaged by `torch.nn.parallel.DistributedDataParallel`; a full fine-tune is sharded by FSDP2
+(`lora.train_lora`). NCCL on GPUs, gloo on CPUs. A single process, the usual case, never touches
+`torch.distributed`.
 """
 
 from __future__ import annotations

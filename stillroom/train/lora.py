@@ -590,10 +590,22 @@ def train_lora(
         if not config.full:
             lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
     objective = _answer_loss(model, decoder, head)
-    if world.parallel:  # gradients averaged across processes in backward; the same start everywhere
+    # Several processes: a full fine-tune shards its weights, gradients and optimizer state across them
+    # (FSDP2, `fully_shard` per decoder layer, like DeepSpeed ZeRO-3), so a base too large for one
+    # GPU's weights + AdamW state still trains; a LoRA adapter is small, so each process keeps the
+    # whole model and DistributedDataParallel averages the adapter's gradients.
+    sharded = world.parallel and config.full
+    if sharded:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in getattr(decoder, "layers", []):
+            fully_shard(layer)
+        fully_shard(objective)  # the rest: embeddings, final norm, LM head
+    elif world.parallel:  # gradients averaged across processes in backward; the same start everywhere
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[torch.cuda.current_device()] if device == "cuda" else None,
             broadcast_buffers=False)
+    if world.parallel:
         torch.manual_seed(config.seed + 1_000_003 * world.rank)  # each process its own dropout masks
     constraint = json_constraint(tokenizer, info, head.weight.shape[0], frame[2])
 
@@ -604,7 +616,8 @@ def train_lora(
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # fused: one kernel over all the adapter's tensors (TRL's default too); on 2 CPU cores it took a
     # step's AdamW (with the gradient clipping) from 34 to 17 ms, against the for-each one.
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.learning_rate, weight_decay=0.0, fused=True)
+    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.learning_rate, weight_decay=0.0,
+                                  fused=not sharded)  # sharded weights: the for-each implementation
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total_steps - s) / (total_steps - warmup)),
@@ -615,17 +628,26 @@ def train_lora(
     autocast = autocast_for(config.precision, device)
 
     # --- resume: a checkpoint of these same inputs in out_dir picks up where it stopped -----------
-    inputs_hash = _inputs_hash(train, val, labels, student_format, config, info)
+    # A sharded run's optimizer state is saved by parameter name: it resumes only a sharded run.
+    inputs_hash = _inputs_hash(train, val, labels, student_format, config, info) + ("-sharded" if sharded else "")
     state = {"step": 0, "epoch": 1, "batch": 0, "batches": None, "train_tokens": 0, "loop_seconds": 0.0,
              "best": -1.0, "best_agreement": 0.0, "best_epoch": 0, "history": [], "resumed_from_step": None}
     ckpt_file = out_dir / CHECKPOINT_DIR / "state.pt"
     if ckpt_file.is_file():
         saved = torch.load(ckpt_file, map_location="cpu", weights_only=False)
-        if saved["inputs_hash"] == inputs_hash:
+        if saved["inputs_hash"] == inputs_hash and sharded:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            full = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(objective, {f"model.{n}": w for n, w in saved["weights"].items()}, options=full)
+            set_optimizer_state_dict(objective, optimizer, saved["optimizer"], options=full)
+        elif saved["inputs_hash"] == inputs_hash:
             with torch.no_grad():
                 for name, param in trainable:
                     param.copy_(saved["weights"][name])
             optimizer.load_state_dict(saved["optimizer"])
+        if saved["inputs_hash"] == inputs_hash:
             scheduler.load_state_dict(saved["scheduler"])
             rng.setstate(saved["rng_python"])
             ranks = saved.get("rng_torch_by_rank")
@@ -637,8 +659,25 @@ def train_lora(
                 torch.cuda.set_rng_state(saved["rng_cuda"])
             state = {**saved["state"], "resumed_from_step": saved["state"]["step"]}
 
+    def full_weights() -> dict:
+        """The trainable weights by name, whole (a sharded run gathers them: every process calls this)."""
+        if not sharded:
+            return {n: p.detach().cpu() for n, p in trainable}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        whole = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {n: whole[f"model.{n}"] for n, _ in trainable} if world.main else {}
+
     def checkpoint() -> None:
         """Everything the loop needs to continue bit-for-bit; written atomically (by rank 0)."""
+        weights = full_weights()
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            optimizer_state = get_optimizer_state_dict(
+                objective, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            optimizer_state = optimizer.state_dict()
         rng_by_rank = cuda_by_rank = None
         if world.parallel:  # each process's own generators (its dropout masks), kept by rank 0
             rng_by_rank = distributed.gather(torch.get_rng_state())
@@ -648,12 +687,12 @@ def train_lora(
         folder = out_dir / CHECKPOINT_DIR
         folder.mkdir(exist_ok=True)
         tmp = folder / "state.pt.partial"
-        torch.save({"inputs_hash": inputs_hash, "state": state, "optimizer": optimizer.state_dict(),
+        torch.save({"inputs_hash": inputs_hash, "state": state, "optimizer": optimizer_state,
                     "scheduler": scheduler.state_dict(), "rng_python": rng.getstate(),
                     "rng_torch": torch.get_rng_state(), "rng_torch_by_rank": rng_by_rank,
                     "rng_cuda": torch.cuda.get_rng_state() if device == "cuda" else None,
                     "rng_cuda_by_rank": cuda_by_rank,
-                    "weights": {n: p.detach().cpu() for n, p in trainable}}, tmp)
+                    "weights": weights}, tmp)
         os.replace(tmp, folder / "state.pt")
 
     # --- loop --------------------------------------------------------------------------------
@@ -707,6 +746,8 @@ def train_lora(
         state["loop_seconds"] += time.perf_counter() - epoch_start
 
         model.eval()
+        if sharded:
+            objective.unshard()  # the embeddings and head, used outside the objective's forward here
         if generative:
             with autocast:
                 predicted = decode_answers(lm, tokenizer, frame[2], val_prompts, info, constraint, 16)
@@ -717,6 +758,8 @@ def train_lora(
             with autocast:
                 probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
             agreement = score = (probs.argmax(-1) == val_gold).sum().item() / len(val)
+        if sharded:
+            objective.reshard()
         state["history"].append(round(score, 4))
         state["epoch"], state["batch"], state["batches"] = epoch + 1, 0, None
 
@@ -724,7 +767,11 @@ def train_lora(
         stop = False
         if score > state["best"]:  # every process scores the same weights, so all stop together
             state["best"], state["best_agreement"], state["best_epoch"] = score, agreement, epoch
-            if world.main:
+            if sharded:  # gathered whole by every process, written by rank 0
+                weights = full_weights()
+                if world.main:
+                    model.save_pretrained(out_dir, state_dict=weights)
+            elif world.main:
                 model.save_pretrained(out_dir)
         elif epoch - state["best_epoch"] >= 1:
             stop = True  # early stopping: no improvement for one epoch
@@ -753,6 +800,7 @@ def train_lora(
         "resumed_from_step": state["resumed_from_step"],
         "device": device,
         "processes": world.size,  # > 1: data-parallel under torchrun, train_tokens_per_s is all of them
+        "parallelism": "fsdp" if sharded else "ddp" if world.parallel else None,
     }
     if generative:
         metrics["val_score"] = state["best"]  # mean task.score (the task's metric) on the decoded val subset
@@ -770,7 +818,7 @@ def train_lora(
         (out_dir / "student.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if world.parallel:
         distributed.barrier()  # the other processes return once the student folder is written
-    del model, base, objective
+    del model, base
     return TrainResult(path=out_dir, metrics=metrics)
 
 
