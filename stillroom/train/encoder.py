@@ -191,6 +191,9 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
     data = Dataset.from_dict({"anchor": [a for a, _, _ in rows], "positive": [b for _, b, _ in rows],
                               "label": [y for _, _, y in rows]})  # the label column feeds the sampler only
     model = SentenceTransformer(str(minilm_path()))  # a fresh copy: the cached encoder stays frozen
+    # No model card is written (create_model_card=False below): skip its pass over the training pairs
+    # for widget examples, and the progress bar it draws over ours.
+    model.model_card_data.set_widget_examples = lambda dataset: None
 
     class _Progress(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
