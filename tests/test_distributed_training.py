@@ -84,8 +84,9 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_llama_dir, k
 
 def test_torchrun_stillroom_train_records_one_run_and_reports_once(tmp_path, tiny_llama_dir):
     root = tmp_path / "p"
-    students = (f"  - {{name: lora, kind: lora, base_model: '{tiny_llama_dir}', epochs: 1, learning_rate: 0.005,"
-                " rank: 4, batch_size: 8}\n  - {name: enc, kind: encoder}\n")
+    lora = f"kind: lora, base_model: '{tiny_llama_dir}', epochs: 1, learning_rate: 0.005, rank: 4, batch_size: 8"
+    students = (f"  - {{name: lora, {lora}}}\n  - {{name: enc, kind: encoder}}\n"
+                f"  - {{name: lora_st, {lora}, pseudo_labels: {{student: enc, per_label: 4}}}}\n")
     env_cli = [sys.executable, "-m", "stillroom"]
     subprocess.run([*env_cli, "init", str(root)], check=True, capture_output=True, cwd=ROOT)
     (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
@@ -112,6 +113,17 @@ def test_torchrun_stillroom_train_records_one_run_and_reports_once(tmp_path, tin
     again = torchrun("-m", "stillroom", "train", "lora", "-C", root, "--json", cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout)["lora"]["skipped"] is True  # rank 0's decision reached rank 1: no hang
+
+    # self-training: rank 0 trains the encoder labeller alone, then both processes train lora_st
+    (root / "traffic.jsonl").write_text("".join(json.dumps({"input": t}) + "\n" for t, _ in synthetic_rows(6, seed=5)),
+                                        encoding="utf-8")
+    subprocess.run([*env_cli, "import", str(root / "traffic.jsonl"), "-C", str(root)], check=True,
+                   capture_output=True, cwd=ROOT)
+    st = torchrun("-m", "stillroom", "train", "lora_st", "-C", root, "--json", cwd=ROOT)
+    assert st.returncode == 0, st.stderr[-3000:]
+    metrics = json.loads(st.stdout)["lora_st"]["metrics"]
+    assert metrics["processes"] == 2 and metrics["pseudo_labels"]["labeller"] == "enc"
+    assert 1 <= metrics["pseudo_labels"]["rows"] <= 12 and metrics["pseudo_labels"]["pool"] == 18
 
     refused = torchrun("-m", "stillroom", "train", "enc", "-C", root, cwd=ROOT)
     assert refused.returncode != 0

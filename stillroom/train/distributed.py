@@ -10,6 +10,7 @@ averaged by `torch.nn.parallel.DistributedDataParallel`; a full fine-tune is sha
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -48,6 +49,21 @@ def world() -> World:
         # Long enough for rank 0's work before the first collective (a self-training labeller, say).
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def alone():
+    """Work rank 0 does while the others wait (training a self-training labeller, say) runs as a
+    single process: `world()` inside reports one process and nothing in it joins a collective."""
+    saved = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = saved
 
 
 def share(value=_NOT_GIVEN):

@@ -203,7 +203,8 @@ def _train_student(project: Project, name: str, student: StudentConfig, force: b
     if student.pseudo_labels is not None:  # the labeller's confident answers on unlabelled inputs
         from stillroom.train.pseudo import pseudo_labelled_rows
 
-        rows, pseudo = pseudo_labelled_rows(project, student, progress=progress)
+        with distributed.alone():  # under torchrun the labeller runs in rank 0 alone
+            rows, pseudo = pseudo_labelled_rows(project, student, progress=progress)
         train = train + rows
     fp = fingerprint(project, student, lock.manifest_sha256, train, val)
     members = None
