@@ -37,6 +37,30 @@ print("METRICS", json.dumps(result.metrics))
 '''
 
 
+def run_two_processes(tmp_path: Path, script_text: str, base: Path, kind: str) -> tuple[list, list]:
+    """The rows, and each process's printed metrics, of `script_text` trained by two processes into
+    tmp_path/two (31 train rows in batches of 5, the last with 1; val 9)."""
+    rows = synthetic_rows(14)[:40]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = tmp_path / "train.py"
+    script.write_text(script_text)
+    done = torchrun(script, tmp_path / "rows.json", base, tmp_path / "two", kind)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("METRICS")]
+    return rows, printed
+
+
+def assert_same_training(two: Path, one: Path, base: Path, kind: str) -> None:
+    """The weights trained in `two` equal those in `one` within 1e-3 of what training changed."""
+    two, one = trained_weights(two), trained_weights(one)
+    start = {} if kind == "lora" else trained_weights(base)  # LoRA's B starts at 0
+    assert sorted(two) == sorted(one) and one
+    for name, weight in one.items():
+        update = (weight - start[name]) if start else weight
+        assert update.abs().max() > 0  # trained
+        assert (two[name] - weight).abs().max() <= 1e-3 * update.abs().max(), name
+
+
 def trained_weights(folder: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -50,13 +74,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_llama_dir, k
     leaves the second process an empty share) and gradients are averaged, so two processes reach
     the weights one process does, to float rounding. LoRA replicates the model in each process
     (DistributedDataParallel); a full fine-tune shards weights, gradients and AdamW state (FSDP2)."""
-    rows = synthetic_rows(14)[:40]  # 31 train rows in batches of 5 (the last has 1); val 9
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    script = tmp_path / "train.py"
-    script.write_text(TRAIN_SCRIPT)
-    done = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "two", kind)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("METRICS")]
+    rows, printed = run_two_processes(tmp_path, TRAIN_SCRIPT, tiny_llama_dir, kind)
     assert len(printed) == 2 and all(m["processes"] == 2 for m in printed)
     assert {m["parallelism"] for m in printed} == {"ddp" if kind == "lora" else "fsdp"}
     assert printed[0]["val_agreement_by_epoch"] == printed[1]["val_agreement_by_epoch"]  # both stop alike
@@ -71,14 +89,7 @@ def test_two_processes_train_the_same_weights_as_one(tmp_path, tiny_llama_dir, k
                         full=kind == "full")
     one = train_lora(rows[:31], rows[31:], sorted(LABELS), tmp_path / "one", config)
     assert one.metrics["processes"] == 1 and one.metrics["train_tokens"] == printed[0]["train_tokens"]
-    two, single = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
-    start = {} if kind == "lora" else trained_weights(tiny_llama_dir)  # LoRA's B starts at 0
-    assert sorted(two) == sorted(single) and single
-    for name, weight in single.items():
-        update = (weight - start[name]) if start else weight
-        assert update.abs().max() > 0  # trained
-        # the difference between the two runs, against the size of what training changed
-        assert (two[name] - weight).abs().max() <= 1e-3 * update.abs().max(), name
+    assert_same_training(tmp_path / "two", tmp_path / "one", tiny_llama_dir, kind)
     assert not (tmp_path / "two" / "checkpoint").exists()
 
 

@@ -5,15 +5,13 @@ Skipped without CUDA (the CPU machines this project is built on have none). On a
 test_lora_student.py and test_distributed_training.py (gloo).
 """
 
-import json
-
 import pytest
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from tests.conftest import LABELS, synthetic_rows  # noqa: E402
-from tests.test_distributed_training import torchrun, trained_weights  # noqa: E402
+from tests.test_distributed_training import assert_same_training, run_two_processes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="no CUDA GPU: run `pytest tests/test_gpu_paths.py` on a GPU machine")
@@ -60,19 +58,9 @@ def test_qlora_trains_a_4bit_base_and_predicts(tmp_path, tiny_llama_dir):
 def test_two_gpus_over_nccl_train_the_same_weights_as_one(tmp_path, tiny_llama_dir, kind):
     from stillroom.train.lora import LoraConfig, train_lora
 
-    rows = synthetic_rows(14)[:40]
-    (tmp_path / "rows.json").write_text(json.dumps(rows))
-    script = tmp_path / "train.py"
-    script.write_text(GPU_SCRIPT)
-    done = torchrun(script, tmp_path / "rows.json", tiny_llama_dir, tmp_path / "two", kind)
-    assert done.returncode == 0, done.stderr[-3000:]
-    printed = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("METRICS")]
+    rows, printed = run_two_processes(tmp_path, GPU_SCRIPT, tiny_llama_dir, kind)
     assert {(m["device"], m["parallelism"]) for m in printed} == {("cuda", "ddp" if kind == "lora" else "fsdp")}
     config = LoraConfig(base_model=str(tiny_llama_dir), rank=4, dropout=0.0, epochs=2, batch_size=5, precision="fp32",
                         learning_rate=1e-3 if kind == "full" else 5e-3, checkpoint_every=0, full=kind == "full")
     train_lora(rows[:31], rows[31:], sorted(LABELS), tmp_path / "one", config)
-    two, one = trained_weights(tmp_path / "two"), trained_weights(tmp_path / "one")
-    start = {} if kind == "lora" else trained_weights(tiny_llama_dir)
-    for name, weight in one.items():
-        update = (weight - start[name]) if start else weight
-        assert (two[name] - weight).abs().max() <= 1e-3 * update.abs().max(), name
+    assert_same_training(tmp_path / "two", tmp_path / "one", tiny_llama_dir, kind)
