@@ -15,9 +15,6 @@ import datetime
 import os
 from dataclasses import dataclass
 
-_NOT_GIVEN = object()
-
-
 @dataclass(frozen=True)
 class World:
     rank: int = 0
@@ -66,7 +63,7 @@ def alone():
             os.environ["WORLD_SIZE"] = saved
 
 
-def share(value=_NOT_GIVEN):
+def share(value=None):
     """Rank 0's `value`, on every rank (each other rank calls it with no argument)."""
     import torch.distributed as dist
 

@@ -136,30 +136,25 @@ def _cpu_lora_dropout(model) -> int:
     return swapped
 
 
-def _answer_loss_module():
+def _answer_loss(model, decoder, head):
+    """The training objective as one module, so DistributedDataParallel and FSDP see its forward."""
     import torch
 
     class AnswerLoss(torch.nn.Module):
-        """Summed cross-entropy of the answer tokens, as one module so DistributedDataParallel sees
-        the forward. Vocabulary logits only where an answer token is predicted: on every position
-        the LM head would be ~20% of SmolLM2's forward FLOPs, plus a [tokens x 49k] logits tensor."""
+        """Summed cross-entropy of the answer tokens. Vocabulary logits only where an answer token
+        is predicted: on every position the LM head would be ~20% of SmolLM2's forward FLOPs, plus
+        a [tokens x 49k] logits tensor."""
 
-        def __init__(self, model, decoder, head):
+        def __init__(self):
             super().__init__()
-            self.model = model  # registers the trainable weights; the parts below are inside it
-            self._parts = (decoder, head)
+            self.model = model  # registers the trainable weights; decoder and head are inside it
 
         def forward(self, ids, mask, rows, cols, targets):
-            decoder, head = self._parts
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             logits = head(hidden[rows, cols])
             return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
-    return AnswerLoss
-
-
-def _answer_loss(model, decoder, head):
-    return _answer_loss_module()(model, decoder, head)
+    return AnswerLoss()
 
 
 def resolve_base_model(name_or_path: str) -> Path:
