@@ -93,8 +93,10 @@ def _window(ends: list[float], tokens: list[int], stalls: list[int | None], warm
             "cpu_pressure": stalled}  # share of the window some task waited for a CPU (0 = quiet machine)
 
 
-def _stillroom_segment(rows, labels, warmup: int, seed: int, precision: str = "fp32") -> dict:
-    """One `train_lora` run over `rows` (one epoch, len(rows) / BATCH steps), timed per step."""
+def _stillroom_segment(rows, labels, warmup: int, seed: int, precision: str = "fp32", compile: bool = True) -> dict:
+    """One `train_lora` run over `rows` (one epoch, len(rows) / BATCH steps), timed per step. `compile`:
+    the compiled training forward (what `compile: auto` picks for a run of 400+ steps; compiling
+    happens before the first step, outside the timed window, and is reported as compile_seconds)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -111,7 +113,8 @@ def _stillroom_segment(rows, labels, warmup: int, seed: int, precision: str = "f
 
     config = lora.LoraConfig(base_model=str(base), rank=LORA["rank"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                              target_modules=tuple(LORA["target_modules"]), learning_rate=LR, epochs=1,
-                             batch_size=BATCH, seed=seed, threads=THREADS, precision=precision)
+                             batch_size=BATCH, seed=seed, threads=THREADS, precision=precision,
+                             compile=compile)
     with tempfile.TemporaryDirectory(prefix="bench-train-speed-") as out:
         result = lora.train_lora(rows, rows[:BATCH], labels, Path(out), config, progress=progress)
     assert torch.get_num_threads() == THREADS
@@ -125,7 +128,11 @@ def _stillroom_segment(rows, labels, warmup: int, seed: int, precision: str = "f
         raise RuntimeError("rebuilt batches do not match the recipe's own token count")
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches[warmup:])
     answer_tokens = sum(len(answers[i]) for b in batches[warmup:] for i in b)
-    return {"trainer": f"stillroom-{precision}", **_window(ends, tokens, stalls, warmup),
+    if result.metrics["compiled"] != compile:
+        raise RuntimeError(f"compile={compile} but the run says compiled={result.metrics['compiled']}: "
+                           f"{result.metrics.get('compile_skipped')}")
+    return {"trainer": f"stillroom-{precision}" + ("" if compile else "-eager"), **_window(ends, tokens, stalls, warmup),
+            "compile_seconds": result.metrics.get("compile_seconds"),
             "padding_efficiency": round(sum(tokens[warmup:]) / padded, 3),
             "answer_tokens": answer_tokens, "recipe_train_tokens_per_s": result.metrics["train_tokens_per_s"]}
 
@@ -231,8 +238,8 @@ def main(quick: bool = False) -> None:
     pairs = _pairs()
     labels = sorted({y for _, y in pairs})
     segments, redone, waited = [], [], 0.0
-    variants = [(_stillroom_segment, "fp32"), (_trl_segment, "fp32"), (_stillroom_segment, "bf16"),
-                (_trl_segment, "bf16")]
+    variants = [(_stillroom_segment, "fp32", True), (_stillroom_segment, "fp32", False), (_trl_segment, "fp32"),
+                (_stillroom_segment, "bf16", True), (_stillroom_segment, "bf16", False), (_trl_segment, "bf16")]
     for r in range(rounds):
         rows = _sample(pairs, (warmup + timed) * BATCH, seed=r)
         # ABBA order: a trend in the neighbour's load favours no trainer
@@ -240,9 +247,9 @@ def main(quick: bool = False) -> None:
         for attempt in range(1, MAX_TRIES + 1):
             waited += _wait_for_quiet()
             group = []
-            for fn, precision in order:
+            for fn, *how in order:
                 group.append({"round": r, "attempt": attempt,
-                              **_in_fresh_process(fn, rows, labels, warmup, r, precision)})
+                              **_in_fresh_process(fn, rows, labels, warmup, r, *how)})
                 print(json.dumps(group[-1]))
             # A round where a neighbour's burst stalled any segment says nothing about the trainers: redo it
             # (kept after MAX_TRIES, flagged by its cpu_pressure).
@@ -255,7 +262,8 @@ def main(quick: bool = False) -> None:
         own = [s for s in segments if s["trainer"] == name]
         return round(sum(s["tokens"] for s in own) / sum(s["seconds"] for s in own), 1)
 
-    rates = {name: rate(name) for name in ("stillroom-fp32", "trl-fp32", "stillroom-bf16", "trl-bf16")}
+    rates = {name: rate(name) for name in ("stillroom-fp32", "stillroom-fp32-eager", "trl-fp32",
+                                           "stillroom-bf16", "stillroom-bf16-eager", "trl-bf16")}
     by_round = {(s["round"], s["trainer"]): s for s in segments}
 
     def per_round(a, b):
@@ -266,14 +274,23 @@ def main(quick: bool = False) -> None:
     metrics = {"tokens_per_s": rates,
                "speedup_fp32_vs_fp32": round(rates["stillroom-fp32"] / rates["trl-fp32"], 2),
                "speedup_bf16_vs_bf16": round(rates["stillroom-bf16"] / rates["trl-bf16"], 2),
+               # without the compiled forward (compile: false, or auto on a run under 400 steps)
+               "speedup_eager_fp32_vs_fp32": round(rates["stillroom-fp32-eager"] / rates["trl-fp32"], 2),
+               "speedup_eager_bf16_vs_bf16": round(rates["stillroom-bf16-eager"] / rates["trl-bf16"], 2),
+               "compile_gain": {p: round(rates[f"stillroom-{p}"] / rates[f"stillroom-{p}-eager"], 2)
+                                for p in ("fp32", "bf16")},
+               "compile_seconds": {p: [s["compile_seconds"] for s in segments if s["trainer"] == f"stillroom-{p}"]
+                                   for p in ("fp32", "bf16")},
                "bf16_gain_stillroom": round(rates["stillroom-bf16"] / rates["stillroom-fp32"], 2),
                "bf16_gain_trl": round(rates["trl-bf16"] / rates["trl-fp32"], 2),
                "speedup_by_round": {"fp32": per_round("stillroom-fp32", "trl-fp32"),
-                                    "bf16": per_round("stillroom-bf16", "trl-bf16")},
+                                    "bf16": per_round("stillroom-bf16", "trl-bf16"),
+                                    "compile_gain_fp32": per_round("stillroom-fp32", "stillroom-fp32-eager"),
+                                    "compile_gain_bf16": per_round("stillroom-bf16", "stillroom-bf16-eager")},
                "speedup_median_step": {"fp32": round(medians["stillroom-fp32"] / medians["trl-fp32"], 2),
                                        "bf16": round(medians["stillroom-bf16"] / medians["trl-bf16"], 2)},
                "cpu_pressure_max": max((s["cpu_pressure"] or 0) for s in segments),
-               "rounds_redone": len(redone) // 4, "seconds_waited_for_quiet": waited}
+               "rounds_redone": len(redone) // len(variants), "seconds_waited_for_quiet": waited}
     import peft
     import transformers
 
@@ -293,6 +310,7 @@ def main(quick: bool = False) -> None:
         seconds=time.perf_counter() - started,
         summary=(f"LoRA SmolLM2-135M on {THREADS} threads, tokens/s {rates}: stillroom vs TRL SFTTrainer "
                  f"fp32 {metrics['speedup_fp32_vs_fp32']:.2f}x, bf16 (stored) {metrics['speedup_bf16_vs_bf16']:.2f}x "
-                 f"(goal 3x; {len(redone) // 4} contended rounds redone)"),
+                 f"(compiled forward, {metrics['compile_gain']} over eager; goal 3x; "
+                 f"{len(redone) // len(variants)} contended rounds redone)"),
     )
     print(json.dumps(metrics, indent=1))

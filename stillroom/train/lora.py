@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import shutil
@@ -57,6 +58,9 @@ class LoraConfig:
     # Matmul precision: "bf16" autocast (weights and optimizer stay fp32), "fp32", or "auto": bf16 on
     # a CUDA GPU, fp32 on a CPU (see autocast_for for the CPU measurement).
     precision: str = "auto"
+    # CPU LoRA of a Llama-architecture base: run the training forward through torch.compile
+    # (compiled_llama). "auto": when the run has at least compiled_llama.AUTO_MIN_STEPS steps.
+    compile: str | bool = "auto"
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)  # JSON round-trips give a list
@@ -79,6 +83,7 @@ class LoraConfig:
             ("quantization", not (self.full and self.quantization), "None for full fine-tuning"),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("precision", self.precision in ("auto", "bf16", "fp32"), "'auto', 'bf16' or 'fp32'"),
+            ("compile", self.compile in ("auto", True, False), "'auto', true or false"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -110,11 +115,15 @@ def _cpu_lora_dropout(model) -> int:
             self.p = p
             self.threshold = round(p * 65536) - 32768  # int16 lanes >= this are kept
 
+        def mask(self, shape, dtype, device):
+            """1 where an element is kept, 0 where dropped, in `dtype` (the scaling is not in it)."""
+            n = math.prod(shape)
+            bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+            return (bits.view(torch.int16)[:n].view(shape) >= self.threshold).to(dtype)
+
         def keep(self, x):
-            """1 where an element of `x` is kept, 0 where dropped, in x's dtype (the scaling is not in it)."""
-            n = x.numel()
-            bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2**63, 2**63 - 1)
-            return (bits.view(torch.int16)[:n].view(x.shape) >= self.threshold).to(x.dtype)
+            """The mask for `x`."""
+            return self.mask(x.shape, x.dtype, x.device)
 
         def forward(self, x):
             if not self.training or self.p == 0:
@@ -136,8 +145,9 @@ def _cpu_lora_dropout(model) -> int:
     return swapped
 
 
-def _answer_loss(model, decoder, head):
-    """The training objective as one module, so DistributedDataParallel and FSDP see its forward."""
+def _answer_loss(model, decoder, head, compiled=None):
+    """The training objective as one module, so DistributedDataParallel and FSDP see its forward.
+    `compiled`: a compiled_llama.CompiledDecoder to run the decoder through instead."""
     import torch
 
     class AnswerLoss(torch.nn.Module):
@@ -150,11 +160,42 @@ def _answer_loss(model, decoder, head):
             self.model = model  # registers the trainable weights; decoder and head are inside it
 
         def forward(self, ids, mask, rows, cols, targets):
-            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            if compiled is not None:  # right-padded batches: causal attention alone ignores the padding
+                hidden = compiled.hidden(ids)
+            else:
+                hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
             logits = head(hidden[rows, cols])
             return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
     return AnswerLoss()
+
+
+def _compiled_decoder(lm, model, config: LoraConfig, device: str, total_steps: int, pad_id: int):
+    """(the compiled training decoder or None, why it is not used when `compile` allowed it)."""
+    from stillroom.train import compiled_llama
+
+    if config.compile is False:
+        return None, None
+    why = ("it applies to LoRA students on a CPU" if device != "cpu" or config.full or config.quantization
+           else compiled_llama.unsupported(lm, model))
+    if why is None and config.compile == "auto" and total_steps < compiled_llama.AUTO_MIN_STEPS:
+        return None, (f"{total_steps} steps: compile auto needs {compiled_llama.AUTO_MIN_STEPS} "
+                      "to repay compiling")
+    if why is not None:
+        if config.compile is True:
+            raise ValueError(f"LoraConfig.compile=True: {why}; set compile to auto or false")
+        return None, why
+    compiled = compiled_llama.CompiledDecoder(lm, pad_id)
+    try:
+        started = time.perf_counter()
+        compiled.warm_up()
+        compiled.seconds = round(time.perf_counter() - started, 1)
+    except Exception as exc:  # no C++ compiler, an Inductor failure: eager still trains the same model
+        why = f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        if config.compile is True:
+            raise ValueError(f"LoraConfig.compile=True: {why}; set compile to auto or false") from None
+        return None, why
+    return compiled, None
 
 
 def resolve_base_model(name_or_path: str) -> Path:
@@ -403,7 +444,8 @@ def _inputs_hash(train, val, labels, student_format, config, info) -> str:
     """Identifies what a checkpoint was trained on: a run resumes only from its own inputs."""
     import hashlib
 
-    payload = [train, val, labels, student_format, asdict(config), info]
+    settings = {k: v for k, v in asdict(config).items() if k != "compile"}  # how it runs, not what it trains
+    payload = [train, val, labels, student_format, settings, info]
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -584,7 +626,10 @@ def train_lora(
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not config.full:
             lm.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need grads
-    objective = _answer_loss(model, decoder, head)
+    steps_per_epoch = -(-len(train) // config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    compiled, compile_skipped = _compiled_decoder(lm, model, config, device, total_steps, pad_id)
+    objective = _answer_loss(model, decoder, head, compiled)
     # Several processes: a full fine-tune shards its weights, gradients and optimizer state across them
     # (FSDP2, `fully_shard` per decoder layer, like DeepSpeed ZeRO-3), so a base too large for one
     # GPU's weights + AdamW state still trains; a LoRA adapter is small, so each process keeps the
@@ -605,8 +650,6 @@ def train_lora(
     constraint = json_constraint(tokenizer, info, head.weight.shape[0], frame[2])
 
     lengths = [len(p) + len(a) for p, a in zip(train_prompts, train_answers)]
-    steps_per_epoch = -(-len(train) // config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
     warmup = max(1, round(0.06 * total_steps))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     # fused: one kernel over all the adapter's tensors (TRL's default too); on 2 CPU cores it took a
@@ -796,7 +839,12 @@ def train_lora(
         "device": device,
         "processes": world.size,  # > 1: data-parallel under torchrun, train_tokens_per_s is all of them
         "parallelism": "fsdp" if sharded else "ddp" if world.parallel else None,
+        "compiled": compiled is not None,  # the training forward ran through torch.compile (compiled_llama)
     }
+    if compiled is not None:
+        metrics["compile_seconds"] = compiled.seconds  # before the loop: in train_seconds, not the tokens/s
+    if compile_skipped:
+        metrics["compile_skipped"] = compile_skipped
     if generative:
         metrics["val_score"] = state["best"]  # mean task.score (the task's metric) on the decoded val subset
         metrics["metric"] = info["metric"]

@@ -31,7 +31,8 @@ def _student_args(student: StudentConfig):
                       learning_rate=student.learning_rate, epochs=student.epochs,
                       batch_size=student.batch_size, seed=student.seed,
                       full=student.kind == "full", quantization=student.quantization,
-                      checkpoint_every=student.checkpoint_every, precision=student.precision)
+                      checkpoint_every=student.checkpoint_every, precision=student.precision,
+                      compile=student.compile)
 
 
 def student_format(project: Project) -> str:
@@ -66,10 +67,11 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
 
 def run_config(student: StudentConfig) -> dict:
     """The config a run records and is fingerprinted by: the student without its sweep grid
-    (editing the grid does not change what a plain `stillroom train` produces). `members` and
+    (editing the grid does not change what a plain `stillroom train` produces) or `compile`. `members` and
     `pseudo_labels` only when set, so runs recorded before those fields existed keep their fingerprint."""
     unset = {f for f in ("members", "pseudo_labels") if getattr(student, f) is None}
-    return student.model_dump(mode="json", exclude={"sweep"} | unset)
+    # compile changes how the forward is computed, not the model (the same to rounding): left out
+    return student.model_dump(mode="json", exclude={"sweep", "compile"} | unset)
 
 
 def configured_student(project: Project, name: str, overrides: dict | None = None) -> StudentConfig:
