@@ -10,7 +10,8 @@ batches (padded to the longest row), its fused AdamW, its chunked LM head, which
 (no Triton) scores every position against the whole vocabulary and masks the prompt afterwards,
 and peft's `nn.Dropout` on the LoRA branches (ours draws the same p = 0.05 dropout's masks 16 bits
 at a time, `lora._cpu_lora_dropout`, and runs each LoRA layer as one autograd function,
-`fused_lora`).
+`fused_lora`). Ours runs twice per precision: with the compiled training forward (`compiled_llama`,
+what `compile: auto` picks for runs of 400+ steps; the headline) and without it (`-eager`).
 
 Precision is measured both ways, since this CPU has native bf16 (Intel AMX): each trainer in fp32,
 and each in bf16 with the same model: frozen base weights stored in bf16, eager attention, LoRA

@@ -291,8 +291,8 @@ class StudentConfig(_Strict):
     # bf16 autocast for training and prediction (weights stay fp32); auto: bf16 on a GPU, fp32 on a CPU
     # (measured on an AMX CPU: bf16 autocast was no faster to train and slower per single input)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    # lora on a CPU, Llama-architecture base: the training forward through torch.compile (one step
-    # 1.16x faster in fp32, 1.39x with bf16 weights; 20-30 s to compile). auto: for runs of 400+ steps.
+    # lora on a CPU, Llama-architecture base: the training forward through torch.compile (train_speed
+    # bench: 1.09x the tokens/s in fp32, 1.27x with bf16 weights; 8-22 s to compile). auto: runs of 400+ steps.
     # How the model is computed, not what it learns: runs are reused across this setting.
     compile: Literal["auto"] | bool = "auto"
     # The artifact that goes to production; the gate and the gateway use its own evaluation.
