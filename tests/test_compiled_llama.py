@@ -50,6 +50,8 @@ def test_compiled_forward_matches_the_eager_model_on_a_right_padded_batch(tiny_l
     assert compiled_llama.unsupported(lm, model) is None
     decoder = lm.get_decoder()
     compiled = compiled_llama.CompiledDecoder(lm, pad_id=2)
+    # one compiled function per model shape: a sweep's runs in one process do not recompile
+    assert compiled_llama.CompiledDecoder(lm, pad_id=2).layer is compiled.layer
     rng_before = torch.get_rng_state()
     compiled.warm_up()
     assert torch.equal(torch.get_rng_state(), rng_before)  # compiling draws no training mask

@@ -26,6 +26,8 @@ padded positions compute values nothing reads.
 
 from __future__ import annotations
 
+import functools
+
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 AUTO_MIN_STEPS = 400  # `compile: auto` below this: ~0.1-0.14 s saved per step does not repay a cold compile
@@ -110,18 +112,25 @@ def _layer_function(heads: int, kv_heads: int, head_dim: int, eps: float):
     return layer
 
 
+@functools.lru_cache(maxsize=None)
+def _compiled_layer(heads: int, kv_heads: int, head_dim: int, eps: float):
+    """The compiled layer function, one per model shape and process: a sweep's runs in one process
+    share it, where a fresh closure per run would count as a recompile (Dynamo gives up after 8)."""
+    import torch
+
+    return torch.compile(_layer_function(heads, kv_heads, head_dim, eps), dynamic=True)
+
+
 class CompiledDecoder:
     """`hidden(ids)`: the decoder's last hidden state (after the final norm) for right-padded `ids`,
     through the compiled layer function, with the LoRA dropout masks of a training step."""
 
     def __init__(self, lm, pad_id: int, compiled: bool = True):
-        import torch
-
         self.decoder, self.pad_id = lm.get_decoder(), pad_id
         cfg = lm.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        fn = _layer_function(cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps)
-        self.layer = torch.compile(fn, dynamic=True) if compiled else fn
+        shape = (cfg.num_attention_heads, cfg.num_key_value_heads, head_dim, cfg.rms_norm_eps)
+        self.layer = _compiled_layer(*shape) if compiled else _layer_function(*shape)
         self.modules = [[getattr(getattr(layer, part), name) for part, name in PROJECTIONS]
                         for layer in self.decoder.layers]
 
