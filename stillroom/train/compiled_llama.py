@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import functools
 
+from stillroom.train import fused_lora
+
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 AUTO_MIN_STEPS = 400  # `compile: auto` below this: ~0.1-0.14 s saved per step does not repay a cold compile
@@ -140,11 +142,7 @@ class CompiledDecoder:
         if not hasattr(module, "lora_A"):
             return None
         adapter = next(iter(module.lora_A))
-        dropout, scale = module.lora_dropout[adapter], float(module.scaling[adapter])
-        keep = None
-        if training and getattr(dropout, "p", 0) > 0:
-            keep = dropout.mask(x_shape, dtype, module.lora_A[adapter].weight.device)
-            scale /= 1.0 - dropout.p  # inverted dropout, as in fused_lora
+        keep, scale = fused_lora.mask_and_scale(module, adapter, x_shape, dtype, training)
         return module.lora_A[adapter].weight, module.lora_B[adapter].weight, scale, keep
 
     def hidden(self, ids, training: bool = True):
@@ -159,7 +157,7 @@ class CompiledDecoder:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         if training:
             h = h.detach().requires_grad_()  # every layer's input alike, so one compiled graph serves all
-        b, t, width = h.shape
+        b, t, _ = h.shape
         for layer, modules in zip(decoder.layers, self.modules):
             weights = [getattr(m, "base_layer", m).weight for m in modules]
             # masks drawn in the order the eager modules draw them: q, k, v, o, gate, up, down

@@ -66,6 +66,16 @@ def _fn():
 _FUSED = None
 
 
+def mask_and_scale(module, adapter: str, x_shape, dtype, training: bool):
+    """(dropout keep mask or None, branch scale) of a LoRA linear's adapter for an input of `x_shape`:
+    the mask is 0/1 in `dtype` (`lora._MaskDropout`'s draw) and the inverted-dropout factor 1/(1-p)
+    is folded into the scale. Shared by the fused layer and compiled_llama, so both draw alike."""
+    dropout, scale = module.lora_dropout[adapter], float(module.scaling[adapter])
+    if not training or getattr(dropout, "p", 0) == 0:
+        return None, scale
+    return dropout.mask(x_shape, dtype, module.lora_A[adapter].weight.device), scale / (1.0 - dropout.p)
+
+
 def _fused_forward(self, x, *args, **kwargs):
     """peft `lora.Linear.forward` for one vanilla adapter, as a single autograd function."""
     global _FUSED
@@ -76,11 +86,7 @@ def _fused_forward(self, x, *args, **kwargs):
         return self._peft_forward(x, *args, **kwargs)
     if _FUSED is None:
         _FUSED = _fn()
-    dropout, scale = self.lora_dropout[adapter], float(self.scaling[adapter])
-    keep = None
-    if self.training and getattr(dropout, "p", 0) > 0:
-        keep = dropout.keep(x)  # 0/1; the inverted-dropout factor goes into the scale
-        scale /= 1.0 - dropout.p
+    keep, scale = mask_and_scale(self, adapter, x.shape, x.dtype, self.training)
     return _FUSED.apply(x, self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter].weight,
                         self.lora_B[adapter].weight, scale, keep)
 
@@ -103,7 +109,7 @@ def fuse(model) -> int:
         name = next(iter(module.lora_A))
         dropout = module.lora_dropout[name]
         if module.lora_B[name].bias is not None or not (isinstance(dropout, torch.nn.Identity)
-                                                         or hasattr(dropout, "keep")):
+                                                         or hasattr(dropout, "mask")):
             continue
         module._peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
