@@ -10,7 +10,7 @@ fuses the elementwise work of the forward and of the backward it derives into a 
 and leaves the products to the same kernels as eager.
 
 Measured side by side (`bench/run train_speed`, 2 cores, rank 16 on all seven projections, dropout
-0.05): 1.09x the eager path's training tokens/s in fp32 and 1.27x with bf16 weights. Compiling
+0.05): 1.13x the eager path's training tokens/s in fp32 and 1.35x with bf16 weights. Compiling
 costs 22 s in a machine's first process and 8-10 s later (Inductor's on-disk cache), so
 `compile: auto` turns it on only for runs long enough to repay it.
 
