@@ -14,7 +14,7 @@ Here one autograd function per layer computes
 
 with the adapter cast once to the compute dtype, the scaling folded into `addmm`, and a backward
 written out: dx = g W + s * ((g B) A) * keep, dA = s * (g B)^T (x * keep), dB = s * g^T ((x * keep) A^T).
-The dropout mask is `lora._MaskDropout`'s draw (one 64-bit number per four elements, from
+The dropout mask is `lora._MaskDropout`'s draw (one 64-bit word per four elements, decided by
 torch's seeded generator, so a resumed run replays it), kept as exact 0/1 in the compute dtype
 with the inverted-dropout factor 1/(1-p) folded into s. Layers this does not cover (DoRA and
 other variants, several adapters, a trainable base weight, merged or disabled adapters) keep peft's
