@@ -11,7 +11,7 @@ batches (padded to the longest row), its fused AdamW, its chunked LM head, which
 and peft's `nn.Dropout` on the LoRA branches (ours draws the same p = 0.05 dropout's masks 16 bits
 at a time, `lora._cpu_lora_dropout`, and runs each LoRA layer as one autograd function,
 `fused_lora`). Ours runs twice per precision: with the compiled training forward (`compiled_llama`,
-what `compile: auto` picks for runs of 400+ steps; the headline) and without it (`-eager`).
+what `compile: auto` picks for runs of 200+ steps; the headline) and without it (`-eager`).
 
 Precision is measured both ways, since this CPU has native bf16 (Intel AMX): each trainer in fp32,
 and each in bf16 with the same model: frozen base weights stored in bf16, eager attention, LoRA
@@ -96,7 +96,7 @@ def _window(ends: list[float], tokens: list[int], stalls: list[int | None], warm
 
 def _stillroom_segment(rows, labels, warmup: int, seed: int, precision: str = "fp32", compile: bool = True) -> dict:
     """One `train_lora` run over `rows` (one epoch, len(rows) / BATCH steps), timed per step. `compile`:
-    the compiled training forward (what `compile: auto` picks for a run of 400+ steps; compiling
+    the compiled training forward (what `compile: auto` picks for a run of 200+ steps; compiling
     happens before the first step, outside the timed window, and is reported as compile_seconds)."""
     import torch
     from transformers import AutoTokenizer
@@ -275,7 +275,7 @@ def main(quick: bool = False) -> None:
     metrics = {"tokens_per_s": rates,
                "speedup_fp32_vs_fp32": round(rates["stillroom-fp32"] / rates["trl-fp32"], 2),
                "speedup_bf16_vs_bf16": round(rates["stillroom-bf16"] / rates["trl-bf16"], 2),
-               # without the compiled forward (compile: false, or auto on a run under 400 steps)
+               # without the compiled forward (compile: false, or auto on a run under 200 steps)
                "speedup_eager_fp32_vs_fp32": round(rates["stillroom-fp32-eager"] / rates["trl-fp32"], 2),
                "speedup_eager_bf16_vs_bf16": round(rates["stillroom-bf16-eager"] / rates["trl-bf16"], 2),
                "compile_gain": {p: round(rates[f"stillroom-{p}"] / rates[f"stillroom-{p}-eager"], 2)

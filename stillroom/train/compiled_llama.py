@@ -37,7 +37,7 @@ from stillroom.train import fused_lora
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-AUTO_MIN_STEPS = 400  # `compile: auto` below this: ~0.1-0.14 s saved per step does not repay a cold compile
+AUTO_MIN_STEPS = 200  # `compile: auto` below this: 0.15-0.22 s saved per batch-8 step does not repay a cold compile (16-22 s)
 
 
 def unsupported(lm, model) -> str | None:
