@@ -55,18 +55,40 @@ STUDENTS = [
     {"name": "encoder_ft_s2", "kind": "encoder", "finetune": True, "seed": 2},
     {"name": "ensemble_seeds", "kind": "ensemble",
      "members": ["encoder", "encoder_ft", "encoder_ft_s1", "encoder_ft_s2", "lora"]},
+    # All labels only, when the optional Gemma-3-270M packages are installed (`STILLROOM_GEMMA=1
+    # scripts/setup.sh`): LoRA's recipe on a second base, a member that differs in pretraining and
+    # tokenizer where the seed ensemble's members differed only in their seed. Eager (the compiled
+    # forward covers Llama layers only): about 290 tokens/s in bf16, ~45 minutes on 2 cores.
+    {"name": "gemma", "kind": "lora", "base_model": "gemma-3-270m", "rank": 16, "learning_rate": 1e-3,
+     "epochs": 2, "batch_size": 8, "precision": "bf16"},
+    {"name": "ensemble_gemma", "kind": "ensemble", "members": ["encoder", "encoder_ft", "lora", "gemma"]},
 ]
+NEEDS_GEMMA = {"gemma", "ensemble_gemma"}
 # All 10,003 labels: 8,420 training rows, so each LoRA epoch (about 17 minutes on 2 cores) gives as many
 # optimizer steps as 10 epochs at 1,000 labels. 2 epochs, chosen on validation: a 3-epoch run (its
 # linear decay stretched over 3) ended lower, 91.8% against 92.4% (by epoch: 80.4, 91.1, 91.8%).
 ALL_LABELS = {"lora": {"epochs": 2}}
 # With every train row labelled there is no unlabelled input to self-train on.
 ONLY_WITH_UNLABELLED = {"encoder_st", "lora_st", "ensemble_st", "encoder_st2", "ensemble_st2"}
-ONLY_ALL_LABELS = {"encoder_ft_s1", "encoder_ft_s2", "ensemble_seeds"}
+ONLY_ALL_LABELS = {"encoder_ft_s1", "encoder_ft_s2", "ensemble_seeds"} | NEEDS_GEMMA
 PARTS = ("1000", "all")  # `bench/run students_banking77 --part all` re-runs one size, keeping the other
 PRUNE_SAMPLE = 160  # eval inputs scored both ways (pruned and every label) for the LoRA students
 HOSTING_PER_HOUR = 0.10
 LATENCY_SAMPLES = 50
+
+
+def gemma_installed() -> bool:
+    """Whether the Gemma-3-270M packages are installed; says so, once, when they are not."""
+    from stillroom.models import ModelNotInstalled, gemma3_chunks
+
+    try:
+        gemma3_chunks()
+        return True
+    except ModelNotInstalled as exc:
+        if not getattr(gemma_installed, "told", False):
+            print(f"skipping {sorted(NEEDS_GEMMA)}: {exc} (or STILLROOM_GEMMA=1 scripts/setup.sh)", flush=True)
+            gemma_installed.told = True
+        return False
 
 
 def folder_bytes(path: Path) -> int:
@@ -138,7 +160,8 @@ def run_size(data: Path, quick: bool, train_rows: int | None, only: list[str] | 
     try:
         students = [{**spec, **(ALL_LABELS.get(spec["name"], {}) if train_rows is None else {})}
                     for spec in STUDENTS
-                    if spec["name"] not in (ONLY_ALL_LABELS if train_rows else ONLY_WITH_UNLABELLED)]
+                    if spec["name"] not in (ONLY_ALL_LABELS if train_rows else ONLY_WITH_UNLABELLED)
+                    and (spec["name"] not in NEEDS_GEMMA or gemma_installed())]
         extra = {"students": students, "costs": {"student_hosting_per_hour": HOSTING_PER_HOUR}}
         project, _, info = banking77_project(work, data, quick, extra=extra, train_rows=train_rows,
                                              unlabelled_rest=train_rows is not None)
