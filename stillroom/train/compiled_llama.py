@@ -11,8 +11,8 @@ and leaves the products to the same kernels as eager. Two choices measured on th
 forward+backward (side by side, 8 batch widths): the model's widths are compiled as constants and
 only batch, length and LoRA rank as symbols (`_dynamic`), 9-12% faster than `dynamic=True`, whose
 symbolic head sizes left Inductor's loops with unknown bounds; and q|k|v and gate|up each run as one
-product with a concatenated copy of the frozen weights (memory for ~65% of the layers' frozen weights again: 140 MB
-for SmolLM2-135M in bf16), a further ~3-5% (the products alone: ~12% less time).
+product with a concatenated copy of the frozen weights (~65% of the layers' frozen weights again:
+140 MB for SmolLM2-135M in bf16), a further ~3-5% (the products alone: ~12% less time).
 
 Measured side by side (`bench/run train_speed`, 2 cores, rank 16 on all seven projections, dropout
 0.05): 1.20x the eager path's training tokens/s in fp32 and 1.45x with bf16 weights. Compiling
@@ -37,7 +37,8 @@ from stillroom.train import fused_lora
 
 PROJECTIONS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
                ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
-AUTO_MIN_STEPS = 200  # `compile: auto` below this: 0.15-0.22 s saved per batch-8 step does not repay a cold compile (16-22 s)
+# `compile: auto` below this: 0.15-0.22 s saved per batch-8 step does not repay a cold compile (16-22 s)
+AUTO_MIN_STEPS = 200
 
 
 def unsupported(lm, model) -> str | None:
