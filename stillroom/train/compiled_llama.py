@@ -165,6 +165,10 @@ class CompiledDecoder:
         self.modules = [[getattr(getattr(layer, part), name) for part, name in PROJECTIONS]
                         for layer in self.decoder.layers]
         self.weights = [self._frozen_weights(modules) for modules in self.modules]
+        for module in (m for modules in self.modules for m in modules if hasattr(m, "lora_A")):
+            adapter = next(iter(module.lora_A))  # the rank: a sweep over ranks shares one compiled graph
+            _dynamic(module.lora_A[adapter].weight, 0)
+            _dynamic(module.lora_B[adapter].weight, 1)
 
     @staticmethod
     def _frozen_weights(modules):
@@ -209,11 +213,9 @@ class CompiledDecoder:
             # masks drawn in the order the eager modules draw them: q, k, v, o, gate, up, down
             loras = [self._lora(m, (b, t, getattr(m, "base_layer", m).weight.shape[1]), h.dtype, training)
                      for m in modules]
-            for lora in filter(None, loras):
-                _dynamic(lora[0], 0)  # the rank: a sweep over ranks shares one compiled graph
-                _dynamic(lora[1], 1)
-                if lora[3] is not None:
-                    _dynamic(lora[3], 0, 1)
+            for lora in loras:
+                if lora is not None and lora[3] is not None:
+                    _dynamic(lora[3], 0, 1)  # a fresh mask each step (the weights are marked once, above)
             h = self.layer(h, cos, sin, (layer.input_layernorm.weight, layer.post_attention_layernorm.weight),
                            weights, loras)
         return decoder.norm(h)
