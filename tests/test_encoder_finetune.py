@@ -129,3 +129,66 @@ def test_label_names_join_the_head_only_when_they_score_better(tmp_path):
     plain = train_encoder(rows[:40], rows[40:], labels, tmp_path / "plain", EncoderConfig(label_names=False))
     assert not any(k.endswith("+names") for k in plain.metrics["C_scores"])
     assert plain.metrics["label_name_rows"] is False
+
+
+def test_classifier_finetune_starts_from_the_probe_and_keeps_the_best_epoch(tmp_path):
+    """`finetune: classifier`: the head is fitted on the frozen body, then body and head train
+    together with cross-entropy; validation agreement is measured each epoch and the best is kept.
+    The tuned linear head is saved in the logistic head's npz form, so loading is unchanged."""
+    rows = synthetic_rows(n_per_label=16, seed=3)
+    labels = list(LABELS)
+    train, val = rows[:36], rows[36:]
+    config = EncoderConfig(finetune="classifier", finetune_epochs=3, finetune_batch_size=8, seed=0)
+    steps = []
+    result = train_encoder(train, val, labels, tmp_path / "s", config, progress=lambda d, t: steps.append((d, t)))
+
+    metrics = result.metrics
+    assert metrics["finetune_steps"] == 3 * 5 and steps[-1] == (15, 15)  # 36 rows, 8 a step: 5 steps an epoch
+    by_epoch = metrics["finetune_val_agreement_by_epoch"]
+    assert len(by_epoch) == 3 and all(0 <= a <= 1 for a in by_epoch)
+    assert metrics["val_agreement"] == max(by_epoch) and by_epoch[metrics["finetune_best_epoch"] - 1] == max(by_epoch)
+    assert 0 <= metrics["probe_val_agreement"] <= 1
+    manifest = json.loads((tmp_path / "s" / "student.json").read_text())
+    assert manifest["encoder"] == "all-MiniLM-L6-v2, classifier fine-tune"
+    assert manifest["encoder_sha256"] == file_sha256(tmp_path / "s" / ENCODER_DIR / "model.safetensors")
+
+    student = EncoderStudent.load(tmp_path / "s")
+    predictions = student.predict([t for t, _ in val])
+    for p in predictions:
+        assert p.label in labels and abs(sum(p.probs.values()) - 1) < 1e-6
+    # The saved student answers as the trained model did on validation: same agreement.
+    agreement = sum(p.label == lab for p, (_, lab) in zip(predictions, val)) / len(val)
+    assert agreement == pytest.approx(metrics["val_agreement"])
+    # Both parts moved: the body embeds differently from the frozen MiniLM.
+    import numpy as np
+
+    texts = [t for t, _ in val[:3]]
+    assert not np.allclose(embed(texts, model_path=str(tmp_path / "s" / ENCODER_DIR)), embed(texts), atol=1e-4)
+
+
+def test_classifier_finetune_settings_are_checked():
+    from pydantic import ValidationError
+
+    from stillroom.config import StudentConfig
+
+    assert StudentConfig(name="e", kind="encoder", finetune="classifier").finetune == "classifier"
+    assert EncoderConfig(finetune="contrastive").objective == "contrastive"
+    assert EncoderConfig(finetune=True).objective == "contrastive" and EncoderConfig().objective is None
+    with pytest.raises(ValidationError, match="head must be 'logreg', not 'mlp'"):
+        StudentConfig(name="e", kind="encoder", finetune="classifier", head="mlp")
+    with pytest.raises(ValueError, match="EncoderConfig.finetune: expected true, false, 'contrastive' or 'classifier'"):
+        EncoderConfig(finetune="sideways")
+
+
+def test_classifier_finetune_with_two_labels_starts_from_the_binary_probe(tmp_path):
+    """scikit-learn stores a two-label logistic head as one column; the fine-tune turns it into two
+    softmax rows with the same probabilities, and the saved head has one row per label."""
+    import numpy as np
+
+    rows = [r for r in synthetic_rows(n_per_label=12, seed=6) if r[1] != "other"]
+    config = EncoderConfig(finetune="classifier", finetune_epochs=1, finetune_batch_size=8, seed=0)
+    train_encoder(rows[:10] + rows[12:22], rows[10:12] + rows[22:], ["billing", "shipping"], tmp_path / "s", config)
+    with np.load(tmp_path / "s" / "head.npz") as head:
+        assert head["coef"].shape == (2, 384) and head["intercept"].shape == (2,)
+    predictions = EncoderStudent.load(tmp_path / "s").predict(["my invoice and refund", "parcel tracking please"])
+    assert [p.label for p in predictions] == ["billing", "shipping"]

@@ -4,6 +4,10 @@ Recipe: [optionally fine-tune the MiniLM body on same-label pairs with in-batch 
 pick the regularisation strength (cross-validated on a small split, else on validation) -> fit -> save
 the head as plain arrays (npz, no pickle) next to a `student.json` manifest. A fine-tuned body is
 saved in the student folder (`encoder/`) and used by `EncoderStudent.load`.
+
+`finetune: classifier` instead fits the head on the frozen body first and then trains body and head
+together with cross-entropy, starting from that head (linear probe, then fine-tune: Kumar et al.
+2022, "Fine-Tuning can Distort Pretrained Features"). The tuned head is saved in the same npz form.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ NAME_ROWS = 3
 
 
 ENCODER_DIR = "encoder"  # the fine-tuned body, inside the student folder
+FINETUNE_MODES = (False, True, "contrastive", "classifier")
+WEIGHT_DECAY = 0.01  # classifier fine-tune: AdamW's, as in BERT's fine-tuning recipe
 
 
 @dataclass
@@ -38,16 +44,24 @@ class EncoderConfig:
     head: str = "logreg"  # logreg | mlp
     seed: int = 0
     batch_size: int = 64  # texts per embedding batch
-    finetune: bool = False  # contrastive fine-tune of the MiniLM body before the head is fitted
-    finetune_pairs: int = 4000  # anchors per pass (every training text when there are fewer)
-    finetune_epochs: int = 4  # passes, each pairing its anchors with fresh same-label positives
-    finetune_batch_size: int = 32  # pairs per optimizer step (at most one per label)
+    # False: frozen body. True or "contrastive": in-batch-negatives fine-tune of the body, then the
+    # head. "classifier": head fitted on the frozen body, then body and head trained with cross-entropy.
+    finetune: bool | str = False
+    finetune_pairs: int = 4000  # contrastive: anchors per pass (every training text when there are fewer)
+    finetune_epochs: int = 4  # contrastive: passes with fresh same-label positives; classifier: epochs
+    finetune_batch_size: int = 32  # pairs (contrastive, at most one per label) or texts per optimizer step
     finetune_learning_rate: float = 5e-5
     label_names: bool = True  # try the label names as extra head rows; kept only when they score better
 
     def __post_init__(self) -> None:
         if self.head not in ("logreg", "mlp"):
             raise ValueError(f"EncoderConfig.head: expected 'logreg' or 'mlp', got {self.head!r}")
+        if self.finetune not in FINETUNE_MODES:
+            raise ValueError(f"EncoderConfig.finetune: expected true, false, 'contrastive' or 'classifier', "
+                             f"got {self.finetune!r}")
+        if self.objective == "classifier" and self.head != "logreg":
+            raise ValueError("EncoderConfig.finetune='classifier' trains a linear head with the body: "
+                             f"head must be 'logreg', got {self.head!r}")
         checks = [
             ("finetune_pairs", self.finetune_pairs >= 2, "an integer >= 2"),
             ("finetune_epochs", self.finetune_epochs >= 1, "an integer >= 1"),
@@ -57,6 +71,11 @@ class EncoderConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"EncoderConfig.{name}={getattr(self, name)!r}: expected {expected}")
+
+    @property
+    def objective(self) -> str | None:
+        """None (frozen body), "contrastive" or "classifier"."""
+        return {False: None, True: "contrastive"}.get(self.finetune, self.finetune) if self.finetune else None
 
 
 @lru_cache(maxsize=2)
@@ -220,6 +239,94 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
             "finetune_seconds": round(time.perf_counter() - start, 3)}
 
 
+def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str], val_labels: list[int],
+                        head: dict, out: Path, config: EncoderConfig,
+                        progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
+    """Train a fresh MiniLM body and the linear head `head` (the logistic regression fitted on the
+    frozen body: "classes", "coef", "intercept") together with cross-entropy, save the body to ``out``
+    and return (the tuned head in the same form, metrics).
+
+    AdamW at `finetune_learning_rate`, weight decay 0.01, 10% warmup then linear decay,
+    `finetune_batch_size` texts a step, `finetune_epochs` epochs. With validation rows, agreement is
+    measured after each epoch and the best epoch's weights are kept (early stopping).
+    Measured on Banking77 with all 10,003 labels (8,420 training rows, 3,080 test rows): 93.64% on
+    the test set against 93.08% for the contrastive recipe; starting from a zero head at 1,000 labels
+    it scored below the frozen body (docs/training.md).
+    """
+    import copy
+    import random
+
+    import numpy as np
+    import torch
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+    from transformers import get_linear_schedule_with_warmup
+
+    from stillroom.models import minilm_path
+
+    start = time.perf_counter()
+    torch.manual_seed(config.seed)
+    classes = [int(c) for c in head["classes"]]
+    column = {c: i for i, c in enumerate(classes)}  # a label index -> its row of the head
+    model = SentenceTransformer(str(minilm_path()), device="cpu")  # a fresh copy: the cached encoder stays frozen
+    coef, intercept = np.asarray(head["coef"]), np.asarray(head["intercept"])
+    if len(coef) == 1 and len(classes) == 2:  # binary logistic regression: one column, as two softmax rows
+        coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
+    linear = torch.nn.Linear(model.get_embedding_dimension(), len(classes))
+    with torch.no_grad():
+        linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
+        linear.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
+
+    def logits(batch: list[str]):
+        return linear(model(model.preprocess(batch))["sentence_embedding"])
+
+    def agreement() -> float:
+        model.eval()
+        hits = 0
+        with torch.no_grad():
+            for i in range(0, len(val_texts), 128):
+                predicted = logits(val_texts[i:i + 128]).argmax(-1).tolist()
+                hits += sum(classes[p] == y for p, y in zip(predicted, val_labels[i:i + 128]))
+        return hits / len(val_texts)
+
+    size = config.finetune_batch_size
+    steps = config.finetune_epochs * -(-len(texts) // size)
+    optimizer = torch.optim.AdamW(list(model.parameters()) + list(linear.parameters()),
+                                  lr=config.finetune_learning_rate, weight_decay=WEIGHT_DECAY)
+    schedule = get_linear_schedule_with_warmup(optimizer, max(1, round(0.1 * steps)), steps)
+    targets = torch.tensor([column[y] for y in labels])
+    order, rng = list(range(len(texts))), random.Random(config.seed)
+    by_epoch, best, step = [], None, 0
+    for _ in range(config.finetune_epochs):
+        rng.shuffle(order)
+        model.train()
+        for i in range(0, len(order), size):
+            rows = order[i:i + size]
+            loss = torch.nn.functional.cross_entropy(logits([texts[j] for j in rows]), targets[rows])
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if progress:
+                progress(step, steps)
+        if val_texts:
+            by_epoch.append(round(agreement(), 6))
+            if best is None or by_epoch[-1] > best[0]:  # ties keep the earlier epoch
+                best = (by_epoch[-1], copy.deepcopy(model.state_dict()), copy.deepcopy(linear.state_dict()))
+    if best is not None:
+        model.load_state_dict(best[1])
+        linear.load_state_dict(best[2])
+    model.save(str(out), create_model_card=False)
+    tuned = {"kind": "logreg", "classes": np.array(classes), "coef": linear.weight.detach().numpy().copy(),
+             "intercept": linear.bias.detach().numpy().copy()}
+    metrics = {"finetune_steps": step, "finetune_seconds": round(time.perf_counter() - start, 3),
+               "finetune_val_agreement_by_epoch": by_epoch,
+               "finetune_best_epoch": by_epoch.index(max(by_epoch)) + 1 if by_epoch else config.finetune_epochs}
+    return tuned, metrics
+
+
 def _fit(head: str, X, y, C: float, seed: int):
     if head == "mlp":
         from sklearn.neural_network import MLPClassifier
@@ -293,11 +400,11 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     body, tuning = None, {}
-    if config.finetune:
+    if config.objective == "contrastive":
         body = out_dir / ENCODER_DIR
         tuning = finetune_body(fmt(train), y.tolist(), body, config, progress=progress)
     X = embed(fmt(train), config.batch_size, model_path=str(body) if body else None,
-              progress=None if body else progress)
+              progress=None if config.finetune else progress)
     Xv = embed(fmt(val), config.batch_size, model_path=str(body) if body else None) if val else None
 
     present = sorted(set(y.tolist()))  # name rows only for labels the head is trained on
@@ -313,7 +420,17 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
     val_agreement = float((model.predict(Xv) == yv).mean()) if Xv is not None and len(val) else None
 
     # The head is saved as arrays: loading a student never unpickles code.
-    if config.head == "logreg":
+    if config.objective == "classifier":  # the probe above is the starting head; both now train
+        body = out_dir / ENCODER_DIR
+        probe = {"classes": model.classes_, "coef": model.coef_, "intercept": model.intercept_}
+        tuned, tuning = finetune_classifier(fmt(train), y[:len(train)].tolist(), fmt(val),
+                                            yv.tolist() if yv is not None else [], probe, body, config,
+                                            progress=progress)
+        tuning["probe_val_agreement"] = val_agreement
+        if tuning["finetune_val_agreement_by_epoch"]:
+            val_agreement = max(tuning["finetune_val_agreement_by_epoch"])
+        np.savez(out_dir / "head.npz", **tuned)
+    elif config.head == "logreg":
         np.savez(out_dir / "head.npz", kind="logreg", classes=model.classes_, coef=model.coef_,
                  intercept=model.intercept_)
     else:
@@ -328,7 +445,7 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
                 "config": asdict(config), "metrics": metrics, "encoder": "all-MiniLM-L6-v2"}
     if body is not None:
         # The tuned body travels with the student; its hash lets a reader check it is the one trained.
-        manifest["encoder"] = "all-MiniLM-L6-v2, contrastive fine-tune"
+        manifest["encoder"] = f"all-MiniLM-L6-v2, {config.objective} fine-tune"
         manifest["encoder_dir"] = ENCODER_DIR
         manifest["encoder_sha256"] = file_sha256(body / "model.safetensors")
     elif (out_dir / ENCODER_DIR).exists():
