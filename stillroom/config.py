@@ -278,8 +278,10 @@ class StudentConfig(_Strict):
     # encoder: also try each label's name ("card_arrival" -> "card arrival") as training rows for the
     # head; kept only when validation (or cross-validation) agreement says they help.
     label_names: bool = True
-    # lora
-    base_model: str = "smollm2-135m-instruct"
+    # lora and full: an embedded base (smollm2-135m-instruct, the default; gemma-3-270m) or a Hugging Face
+    # model folder. encoder: all-minilm-l6-v2 (the default, embedded) or a local sentence-transformers
+    # or Hugging Face encoder folder (a larger encoder, e.g. bge-base or e5-base, downloaded beforehand).
+    base_model: str | None = None
     rank: Annotated[int, Field(gt=0)] = 16
     alpha: Annotated[int, Field(gt=0)] = 32
     learning_rate: Annotated[float, Field(gt=0, lt=1)] = 3e-4  # kind full: 2e-5 unless set
@@ -342,6 +344,26 @@ class StudentConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _base_model_for_kind(self) -> "StudentConfig":
+        if self.kind == "ensemble":
+            return self  # (rejected above when set)
+        from stillroom.models import BASE_MODELS, MINILM_NAME
+
+        if self.kind == "encoder":
+            if self.base_model is None:
+                self.base_model = MINILM_NAME
+            elif self.base_model != MINILM_NAME and not Path(self.base_model).is_dir():
+                raise ValueError(f"base_model {self.base_model!r} is neither {MINILM_NAME!r} (the embedded "
+                                 "encoder) nor an existing sentence-transformers or Hugging Face encoder folder")
+            return self
+        if self.base_model is None:
+            self.base_model = "smollm2-135m-instruct"
+        elif self.base_model not in BASE_MODELS and not Path(self.base_model).is_dir():
+            raise ValueError(f"base_model {self.base_model!r} is neither a known base model "
+                             f"({', '.join(BASE_MODELS)}) nor an existing Hugging Face model folder")
+        return self
+
+    @model_validator(mode="after")
     def _generative_settings(self) -> "StudentConfig":
         if self.kind == "full" and "learning_rate" not in self.model_fields_set:
             self.learning_rate = 2e-5  # every weight moves: LoRA's 3e-4 would wreck the base model
@@ -349,12 +371,6 @@ class StudentConfig(_Strict):
             raise ValueError("quantization '4bit' (QLoRA) applies to kind 'lora' only")
         if self.compile is True and (self.kind != "lora" or self.quantization):
             raise ValueError("compile: true applies to kind 'lora' trained on a CPU (not QLoRA)")
-        if self.kind in ("lora", "full"):
-            from stillroom.models import BASE_MODELS
-
-            if self.base_model not in BASE_MODELS and not Path(self.base_model).is_dir():
-                raise ValueError(f"base_model {self.base_model!r} is neither a known base model "
-                                 f"({', '.join(BASE_MODELS)}) nor an existing Hugging Face model folder")
         return self
 
 

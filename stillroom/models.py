@@ -58,6 +58,20 @@ def minilm_path() -> Path:
     return path
 
 
+def encoder_base_dir(name_or_path: str) -> Path:
+    """The folder of an encoder student's base: the embedded all-MiniLM-L6-v2 by name, or a local
+    sentence-transformers folder (a plain Hugging Face encoder folder gets mean pooling)."""
+    if name_or_path == MINILM_NAME:
+        return minilm_path()
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ValueError(f"encoder base_model {name_or_path!r} is neither {MINILM_NAME!r} (embedded) "
+                         "nor an existing sentence-transformers or Hugging Face encoder folder")
+    if not any((path / f).is_file() for f in ("model.safetensors", "pytorch_model.bin")):
+        raise ValueError(f"encoder base_model folder {path} has no model.safetensors or pytorch_model.bin")
+    return path
+
+
 def cache_dir() -> Path:
     """Shared cache for converted models (``STILLROOM_CACHE`` or ``~/.cache/stillroom``)."""
     root = os.environ.get("STILLROOM_CACHE") or os.path.join(Path.home(), ".cache", "stillroom")

@@ -1,4 +1,5 @@
-"""The GPU paths: bf16 autocast, QLoRA, and data-parallel training over NCCL.
+"""The GPU paths: bf16 autocast, QLoRA, the encoder's classifier fine-tune, and data-parallel
+training over NCCL.
 
 Skipped without CUDA (the CPU machines this project is built on have none). On a GPU machine,
 `pytest tests/test_gpu_paths.py` is the proof; the same logic is proven on CPUs by
@@ -38,6 +39,21 @@ def test_lora_trains_in_bf16_autocast_on_the_gpu_and_predicts(tmp_path, tiny_lla
     assert result.metrics["device"] == "cuda" and result.metrics["train_tokens_per_s"] > 0
     predictions = LoraStudent.load(tmp_path).predict([x for x, _ in rows[36:]])
     assert all(p.label in LABELS and abs(sum(p.probs.values()) - 1) < 1e-4 for p in predictions)
+
+
+def test_encoder_classifier_finetune_trains_on_the_gpu_and_predicts(tmp_path):
+    import json
+
+    from stillroom.train.encoder import EncoderConfig, EncoderStudent, _load_encoder, train_encoder
+
+    rows = synthetic_rows(14)
+    config = EncoderConfig(finetune="classifier", finetune_epochs=2)
+    result = train_encoder(rows[:36], rows[36:], sorted(LABELS), tmp_path, config)
+    assert json.loads((tmp_path / "student.json").read_text())["encoder_dir"] == "encoder"
+    assert len(result.metrics["finetune_val_agreement_by_epoch"]) == 2
+    predictions = EncoderStudent.load(tmp_path).predict([x for x, _ in rows[36:]])
+    assert all(p.label in LABELS and abs(sum(p.probs.values()) - 1) < 1e-4 for p in predictions)
+    assert _load_encoder(str(tmp_path / "encoder"), 0).device.type == "cuda"  # serving embeds on the GPU too
 
 
 def test_qlora_trains_a_4bit_base_and_predicts(tmp_path, tiny_llama_dir):

@@ -1,6 +1,8 @@
-"""The `encoder` student: all-MiniLM-L6-v2 sentence embeddings + a logistic-regression (or MLP) head.
+"""The `encoder` student: sentence embeddings + a logistic-regression (or MLP) head. The body is the
+embedded all-MiniLM-L6-v2 unless `base_model` names a local sentence-transformers (or plain Hugging Face
+encoder) folder.
 
-Recipe: [optionally fine-tune the MiniLM body on same-label pairs with in-batch negatives] -> embed ->
+Recipe: [optionally fine-tune the body on same-label pairs with in-batch negatives] -> embed ->
 pick the regularisation strength (cross-validated on a small split, else on validation) -> fit -> save
 the head as plain arrays (npz, no pickle) next to a `student.json` manifest. A fine-tuned body is
 saved in the student folder (`encoder/`) and used by `EncoderStudent.load`.
@@ -42,6 +44,7 @@ class EncoderConfig:
     """Training arguments for the `encoder` student."""
 
     head: str = "logreg"  # logreg | mlp
+    base_model: str = "all-minilm-l6-v2"  # the embedded MiniLM, or a local encoder folder
     seed: int = 0
     batch_size: int = 64  # texts per embedding batch
     # False: frozen body. True or "contrastive": in-batch-negatives fine-tune of the body, then the
@@ -81,9 +84,10 @@ class EncoderConfig:
 @lru_cache(maxsize=2)
 def _load_encoder(path: str, stamp: int):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(path, device="cpu")
+    return SentenceTransformer(path, device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _encoder(path: str):
@@ -94,7 +98,8 @@ def _encoder(path: str):
 
 def embed(texts: list[str], batch_size: int = 64, model_path: str | None = None,
           progress: Callable[[int, int], None] | None = None):
-    """L2-normalised MiniLM embeddings, shape (len(texts), 384)."""
+    """L2-normalised sentence embeddings from `model_path` (default: the embedded MiniLM), shape
+    (len(texts), the model's dimension)."""
     import numpy as np
 
     from stillroom.models import minilm_path
@@ -106,7 +111,8 @@ def embed(texts: list[str], batch_size: int = 64, model_path: str | None = None,
                                    normalize_embeddings=True, convert_to_numpy=True))
         if progress:
             progress(min(start + batch_size, len(texts)), len(texts))
-    return np.concatenate(chunks) if chunks else np.zeros((0, 384), dtype="float32")
+    return (np.concatenate(chunks) if chunks
+            else np.zeros((0, model.get_embedding_dimension()), dtype="float32"))
 
 
 def anchor_positive_pairs(texts: list[str], labels: list[int], per_pass: int, passes: int, seed: int = 0):
@@ -184,7 +190,7 @@ def _distinct_label_sampler(seed: int):
 
 def finetune_body(texts: list[str], labels: list[int], out: Path, config: EncoderConfig,
                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Fine-tune a fresh MiniLM on (anchor, same-label positive) pairs with in-batch negatives
+    """Fine-tune a fresh copy of the base on (anchor, same-label positive) pairs with in-batch negatives
     (MultipleNegativesRankingLoss, batches without repeated labels) and save it to ``out``.
 
     Measured on Banking77 with 1,000 labels (840 training rows, 3,080 test rows, logistic head at
@@ -203,13 +209,13 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
     from transformers import TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from stillroom.models import minilm_path
+    from stillroom.models import encoder_base_dir
 
     start = time.perf_counter()
     rows = anchor_positive_pairs(texts, labels, config.finetune_pairs, config.finetune_epochs, config.seed)
     data = Dataset.from_dict({"anchor": [a for a, _, _ in rows], "positive": [b for _, b, _ in rows],
                               "label": [y for _, _, y in rows]})  # the label column feeds the sampler only
-    model = SentenceTransformer(str(minilm_path()))  # a fresh copy: the cached encoder stays frozen
+    model = SentenceTransformer(str(encoder_base_dir(config.base_model)))  # a fresh copy: the cached one stays frozen
     # No model card is written (create_model_card=False below): skip its pass over the training pairs
     # for widget examples, and the progress bar it draws over ours.
     model.model_card_data.set_widget_examples = lambda dataset: None
@@ -242,7 +248,7 @@ def finetune_body(texts: list[str], labels: list[int], out: Path, config: Encode
 def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str], val_labels: list[int],
                         head: dict, out: Path, config: EncoderConfig,
                         progress: Callable[[int, int], None] | None = None) -> tuple[dict, dict]:
-    """Train a fresh MiniLM body and the linear head `head` (the logistic regression fitted on the
+    """Train a fresh copy of the base body and the linear head `head` (the logistic regression fitted on the
     frozen body: "classes", "coef", "intercept") together with cross-entropy, save the body to ``out``
     and return (the tuned head in the same form, metrics).
 
@@ -263,23 +269,29 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
     from sentence_transformers import SentenceTransformer
     from transformers import get_linear_schedule_with_warmup
 
-    from stillroom.models import minilm_path
+    from stillroom.models import encoder_base_dir
 
     start = time.perf_counter()
     torch.manual_seed(config.seed)
     classes = [int(c) for c in head["classes"]]
     column = {c: i for i, c in enumerate(classes)}  # a label index -> its row of the head
-    model = SentenceTransformer(str(minilm_path()), device="cpu")  # a fresh copy: the cached encoder stays frozen
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # A fresh copy: the cached encoder stays frozen.
+    model = SentenceTransformer(str(encoder_base_dir(config.base_model)), device=device)
     coef, intercept = np.asarray(head["coef"]), np.asarray(head["intercept"])
     if len(coef) == 1 and len(classes) == 2:  # binary logistic regression: one column, as two softmax rows
         coef, intercept = np.concatenate([-coef / 2, coef / 2]), np.concatenate([-intercept / 2, intercept / 2])
-    linear = torch.nn.Linear(model.get_embedding_dimension(), len(classes))
+    linear = torch.nn.Linear(model.get_embedding_dimension(), len(classes)).to(device)
     with torch.no_grad():
         linear.weight.copy_(torch.as_tensor(coef, dtype=torch.float32))
         linear.bias.copy_(torch.as_tensor(intercept, dtype=torch.float32))
 
     def logits(batch: list[str]):
-        return linear(model(model.preprocess(batch))["sentence_embedding"])
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                    for k, v in model.preprocess(batch).items()}
+        # L2-normalised, as `embed` serves them (the probe was fitted on those too). MiniLM's own
+        # pipeline ends in a Normalize module; a plain encoder folder's does not.
+        return linear(torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1))
 
     def agreement() -> float:
         model.eval()
@@ -295,7 +307,7 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(linear.parameters()),
                                   lr=config.finetune_learning_rate, weight_decay=WEIGHT_DECAY)
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, round(0.1 * steps)), steps)
-    targets = torch.tensor([column[y] for y in labels])
+    targets = torch.tensor([column[y] for y in labels], device=device)
     order, rng = list(range(len(texts))), random.Random(config.seed)
     by_epoch, best, step = [], None, 0
     for _ in range(config.finetune_epochs):
@@ -319,8 +331,8 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
         model.load_state_dict(best[1])
         linear.load_state_dict(best[2])
     model.save(str(out), create_model_card=False)
-    tuned = {"kind": "logreg", "classes": np.array(classes), "coef": linear.weight.detach().numpy().copy(),
-             "intercept": linear.bias.detach().numpy().copy()}
+    tuned = {"kind": "logreg", "classes": np.array(classes), "coef": linear.weight.detach().cpu().numpy().copy(),
+             "intercept": linear.bias.detach().cpu().numpy().copy()}
     metrics = {"finetune_steps": step, "finetune_seconds": round(time.perf_counter() - start, 3),
                "finetune_val_agreement_by_epoch": by_epoch,
                "finetune_best_epoch": by_epoch.index(max(by_epoch)) + 1 if by_epoch else config.finetune_epochs}
@@ -385,9 +397,10 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
                   progress: Callable[[int, int], None] | None = None) -> TrainResult:
     import numpy as np
 
-    from stillroom.models import file_sha256
+    from stillroom.models import MINILM_NAME, encoder_base_dir, file_sha256
 
     start = time.perf_counter()
+    base = encoder_base_dir(config.base_model)  # checked before any work
     fmt = lambda rows: [student_format.format(input=t) for t, _ in rows]  # noqa: E731
     for split, rows in (("train", train), ("val", val)):
         unknown = sorted({lab for _, lab in rows} - set(labels))
@@ -403,13 +416,13 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
     if config.objective == "contrastive":
         body = out_dir / ENCODER_DIR
         tuning = finetune_body(fmt(train), y.tolist(), body, config, progress=progress)
-    X = embed(fmt(train), config.batch_size, model_path=str(body) if body else None,
-              progress=None if config.finetune else progress)
-    Xv = embed(fmt(val), config.batch_size, model_path=str(body) if body else None) if val else None
+    source = str(body or base)  # the body the head is fitted on
+    X = embed(fmt(train), config.batch_size, model_path=source, progress=None if config.finetune else progress)
+    Xv = embed(fmt(val), config.batch_size, model_path=source) if val else None
 
     present = sorted(set(y.tolist()))  # name rows only for labels the head is trained on
     names = (embed([student_format.format(input=label_name_text(labels[i])) for i in present],
-                   config.batch_size, model_path=str(body) if body else None), np.array(present))
+                   config.batch_size, model_path=source), np.array(present))
     scores, chosen_by = _choose_head(config, X, y, Xv, yv, names)
     # Best agreement; ties go to the smaller C, then to leaving the name rows out.
     best = max(scores, key=lambda k: (scores[k], -float(k.split("+")[0]), "+" not in k)) if scores else "16"
@@ -441,11 +454,16 @@ def train_encoder(train: list[tuple[str, str]], val: list[tuple[str, str]], labe
     metrics = {"val_agreement": val_agreement, "C": best_C, "label_name_rows": with_names,
                "C_chosen_by": chosen_by, "C_scores": scores,
                "train_examples": len(train), "train_seconds": round(seconds, 3), **tuning}
+    embedded = config.base_model == MINILM_NAME
+    base_name = "all-MiniLM-L6-v2" if embedded else base.name
     manifest = {"kind": "encoder", "labels": labels, "student_format": student_format,
-                "config": asdict(config), "metrics": metrics, "encoder": "all-MiniLM-L6-v2"}
+                "config": asdict(config), "metrics": metrics, "encoder": base_name}
+    if not embedded:  # where a frozen student finds its body, and which base a tuned one started from
+        weights = next(base / f for f in ("model.safetensors", "pytorch_model.bin") if (base / f).is_file())
+        manifest["base_model"] = {"path": str(base.resolve()), "sha256": file_sha256(weights)}
     if body is not None:
         # The tuned body travels with the student; its hash lets a reader check it is the one trained.
-        manifest["encoder"] = f"all-MiniLM-L6-v2, {config.objective} fine-tune"
+        manifest["encoder"] = f"{base_name}, {config.objective} fine-tune"
         manifest["encoder_dir"] = ENCODER_DIR
         manifest["encoder_sha256"] = file_sha256(body / "model.safetensors")
     elif (out_dir / ENCODER_DIR).exists():
@@ -465,7 +483,7 @@ class EncoderStudent:
         self.labels = labels
         self.student_format = student_format
         self._head = head
-        self.encoder_path = encoder_path  # None: the packaged, frozen MiniLM
+        self.encoder_path = encoder_path  # None: the packaged, frozen MiniLM; else a tuned body or a local base
 
     @classmethod
     def load(cls, path: Path) -> "EncoderStudent":
@@ -482,6 +500,13 @@ class EncoderStudent:
                 raise FileNotFoundError(
                     f"{path / 'student.json'} names a fine-tuned encoder in {encoder_path}, "
                     "which has no model.safetensors; retrain the student"
+                )
+        elif manifest.get("base_model"):  # frozen, on a local base outside the student folder
+            encoder_path = Path(manifest["base_model"]["path"])
+            if not encoder_path.is_dir():
+                raise FileNotFoundError(
+                    f"{path / 'student.json'} embeds with the encoder in {encoder_path}, which no longer "
+                    "exists; put it back there, or retrain the student"
                 )
         return cls(path, manifest["labels"], manifest["student_format"], head, encoder_path)
 

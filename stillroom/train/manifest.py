@@ -47,13 +47,16 @@ def _versions() -> dict:
 
 
 def write_run_manifest(out_dir: Path, *, student: dict, fingerprint: str, lock_sha: str,
-                       train: list, val: list, metrics: dict, base_model: str | None) -> dict:
-    """Write `run.json` into a trained student's folder; returns it."""
+                       train: list, val: list, metrics: dict, base_model: str | None,
+                       encoder: bool = False) -> dict:
+    """Write `run.json` into a trained student's folder; returns it. `encoder`: `base_model` names an
+    encoder student's body (the embedded MiniLM or a local folder) rather than a causal LM."""
     base = None
     if base_model is not None:
+        from stillroom.models import encoder_base_dir
         from stillroom.train.lora import resolve_base_model
 
-        base_dir = resolve_base_model(base_model)
+        base_dir = encoder_base_dir(base_model) if encoder else resolve_base_model(base_model)
         base = {"name": base_model, "path": str(base_dir.resolve()), **weights_sha256(base_dir)}
     data = hashlib.sha256(json.dumps([train, val], ensure_ascii=False).encode()).hexdigest()
     manifest = {

@@ -24,7 +24,7 @@ def _student_args(student: StudentConfig):
 
         return EncoderConfig(head=student.head, seed=student.seed, finetune=student.finetune,
                              finetune_pairs=student.finetune_pairs, finetune_epochs=student.finetune_epochs,
-                             label_names=student.label_names)
+                             label_names=student.label_names, base_model=student.base_model)
     from stillroom.train.lora import LoraConfig
 
     return LoraConfig(base_model=student.base_model, rank=student.rank, alpha=student.alpha,
@@ -68,8 +68,9 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
 def run_config(student: StudentConfig) -> dict:
     """The config a run records and is fingerprinted by: the student without its sweep grid
     (editing the grid does not change what a plain `stillroom train` produces) or `compile`. `members` and
-    `pseudo_labels` only when set, so runs recorded before those fields existed keep their fingerprint."""
-    unset = {f for f in ("members", "pseudo_labels") if getattr(student, f) is None}
+    `pseudo_labels` only when set, so runs recorded before those fields existed keep their fingerprint;
+    `base_model` only when the kind has one (not an ensemble)."""
+    unset = {f for f in ("members", "pseudo_labels", "base_model") if getattr(student, f) is None}
     # compile changes how the forward is computed, not the model (the same to rounding): left out
     return student.model_dump(mode="json", exclude={"sweep", "compile"} | unset)
 
@@ -269,7 +270,8 @@ def _train_student(project: Project, name: str, student: StudentConfig, force: b
         from stillroom.train.manifest import write_run_manifest
 
         write_run_manifest(out_dir, student=run_config(student), fingerprint=fp, lock_sha=lock.manifest_sha256,
-                           train=train, val=val, metrics=result.metrics, base_model=getattr(args, "base_model", None))
+                           train=train, val=val, metrics=result.metrics, base_model=getattr(args, "base_model", None),
+                           encoder=student.kind == "encoder")
     except BaseException as exc:
         with project.store.engine.begin() as conn:
             finish_run(conn, run_id, "failed", error=f"{type(exc).__name__}: {exc}")
