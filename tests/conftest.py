@@ -111,6 +111,25 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's real tokenizer and random weights, saved the plain Hugging
+    Face way (no sentence-transformers files): sentence-transformers adds mean pooling when loading it."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from stillroom.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def pg_url():
     """A fresh, empty PostgreSQL database on the test server (STILLROOM_TEST_PG_URL), dropped after."""

@@ -16,24 +16,7 @@ from conftest import LABELS, project_yaml, synthetic_rows, write_chat_jsonl
 from stillroom.models import MINILM_NAME, file_sha256, minilm_path
 from stillroom.train.encoder import ENCODER_DIR, EncoderConfig, EncoderStudent, embed, train_encoder
 
-WIDTH = 32  # the tiny base's embedding width (MiniLM's is 384)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's real tokenizer and random weights, saved the plain Hugging
-    Face way (no sentence-transformers files): sentence-transformers adds mean pooling when loading it."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+WIDTH = 32  # tiny_bert_dir's embedding width (MiniLM's is 384)
 
 
 def _split():

@@ -3,6 +3,7 @@ validation agreement, and promotion into the store and into stillroom.yaml (comm
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -139,6 +140,34 @@ def test_lora_sweep_picks_the_point_with_better_val_agreement(make_project, lear
 
     lora = load_config(project.root / "stillroom.yaml").student("lora")
     assert (lora.rank, lora.alpha, lora.learning_rate, lora.epochs) == (8, 16, 1e-2, 4)
+
+
+def test_encoder_sweep_compares_base_models_and_promotes_the_winning_base(make_project, tiny_bert_dir):
+    project = ready(make_project(synthetic_rows(20)))
+    root = str(project.root)
+    bases = f"all-minilm-l6-v2,{tiny_bert_dir}"
+    dry = json.loads(cli("sweep", "encoder", "--base", bases, "--head", "logreg", "--dry-run", "--json",
+                         "-C", root).stdout)
+    assert dry["points"] == [{"head": "logreg", "base_model": "all-minilm-l6-v2"},
+                             {"head": "logreg", "base_model": str(tiny_bert_dir)}]
+    result = json.loads(cli("sweep", "encoder", "--base", bases, "--head", "logreg", "--promote", "--json",
+                            "-C", root).stdout)
+    by_base = {r["base_model"]: r for r in result["runs"]}
+    assert all(r["status"] == "trained" for r in result["runs"])
+    for base, r in by_base.items():
+        manifest = json.loads((Path(r["artifact"]) / "student.json").read_text())
+        assert manifest["encoder"] == ("all-MiniLM-L6-v2" if base == "all-minilm-l6-v2" else tiny_bert_dir.name)
+    # The better validation score wins; a tie goes to the smaller body (the 2-layer BERT).
+    scores = {b: r["val_score"] for b, r in by_base.items()}
+    best = max(scores.values())
+    expected = (str(tiny_bert_dir) if scores[str(tiny_bert_dir)] == best else "all-minilm-l6-v2")
+    assert result["winner"]["base_model"] == expected
+    from stillroom.config import load_config
+
+    promoted = load_config(project.root / "stillroom.yaml").student("encoder")
+    assert promoted.base_model == expected
+    human = cli("sweep", "encoder", "--base", bases, "--head", "logreg", "-C", root).output
+    assert "base" in human and tiny_bert_dir.name in human
 
 
 def test_sweep_refuses_bad_grids(make_project):

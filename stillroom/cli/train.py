@@ -104,7 +104,8 @@ def sweep(
     lr: Annotated[Optional[str], typer.Option("--lr", help="Learning rates, comma-separated (e.g. 1e-4,3e-4).")] = None,
     epochs: Annotated[Optional[str], typer.Option("--epochs", help="Epoch counts, comma-separated (e.g. 2,3).")] = None,
     base: Annotated[Optional[str], typer.Option(
-        "--base", help="Base models, comma-separated: smollm2-135m-instruct or HF model folders.")] = None,
+        "--base", help="Base models, comma-separated. lora: smollm2-135m-instruct, gemma-3-270m or HF model "
+                       "folders; encoder: all-minilm-l6-v2 or local encoder folders.")] = None,
     head: Annotated[Optional[str], typer.Option("--head", help="Encoder heads: logreg,mlp (encoder students).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the grid and train nothing.")] = False,
     promote: Annotated[bool, typer.Option(
@@ -118,7 +119,7 @@ def sweep(
 
     The winner has the highest validation agreement with the teacher (ties: the cheaper config).
     Each list flag replaces the same list of the student's `sweep:` block in stillroom.yaml; the default grid is rank 16,64 x lr 1e-4,3e-4 x 3 epochs (lora)
-    or head logreg,mlp (encoder). Every point is recorded as a trial run tagged with the sweep id;
+    or head logreg,mlp (encoder; --base adds encoder bodies to compare). Every point is recorded as a trial run tagged with the sweep id;
     identical earlier runs are reused. Trials do not replace the student's current run unless you
     --promote the winner."""
     from stillroom.train.sweep import run_sweep, sweep_grid
@@ -142,9 +143,10 @@ def sweep(
 
         winner = result["winner"]
         if kind == "encoder":
-            columns = ["run", "head", "status", "val agreement", "train s"]
-            rows = [[r["run_id"] or "-", r["head"], r["status"], pct(r["val_score"]), _num(r["train_seconds"], ".1f")]
-                    for r in result["runs"]]
+            bases = any("base_model" in r for r in result["runs"])
+            columns = ["run", "head", *(["base"] if bases else []), "status", "val agreement", "train s"]
+            rows = [[r["run_id"] or "-", r["head"], *([Path(r["base_model"]).name] if bases else []), r["status"],
+                     pct(r["val_score"]), _num(r["train_seconds"], ".1f")] for r in result["runs"]]
         else:
             columns = ["run", "rank", "lr", "epochs", "base", "status", "val score", "train s", "tokens/s"]
             rows = [[r["run_id"] or "-", r.get("rank", "-"), f"{r['learning_rate']:g}", r["epochs"], Path(r["base_model"]).name,

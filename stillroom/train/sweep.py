@@ -29,7 +29,7 @@ __all__ = ["SweepError", "SweepPoint", "sweep_grid", "run_sweep", "pick_winner",
 
 MAX_POINTS = 64
 LORA_FIELDS = ("base_model", "rank", "alpha", "learning_rate", "epochs")
-ENCODER_FIELDS = ("head",)
+ENCODER_FIELDS = ("head", "base_model")
 KNOWN_BASE_PARAMS = {"smollm2-135m-instruct": 134_515_008}
 HEAD_COST = {"logreg": 0, "mlp": 1}
 
@@ -47,7 +47,7 @@ class SweepPoint:
     def describe(self) -> str:
         o = self.overrides
         if "head" in o:
-            return f"head={o['head']}"
+            return f"head={o['head']}" + (f" {_short_base(o['base_model'])}" if "base_model" in o else "")
         rank = f"r{o['rank']} " if "rank" in o else ""
         return f"{rank}lr{o['learning_rate']:g} e{o['epochs']} {_short_base(o['base_model'])}"
 
@@ -74,11 +74,13 @@ def sweep_grid(project, name: str, rank: list[int] | None = None, learning_rate:
         raise SweepError(f"students.{name} is an ensemble: it has nothing to sweep (its pooling weights are fitted "
                          f"on validation); sweep its members ({', '.join(student.members)}) instead")
     if student.kind == "encoder":
-        given = [flag for flag, v in lora_flags.items() if v]
+        given = [flag for flag, v in lora_flags.items() if v and flag != "--base"]
         if given:
             raise SweepError(f"students.{name} is an encoder student: {', '.join(given)} only apply to lora "
-                             "students; sweep an encoder over its head with --head logreg,mlp")
-        points = [SweepPoint({"head": h}) for h in _dedupe(head or grid.head)]
+                             "students; sweep an encoder over its head (--head logreg,mlp) and base (--base)")
+        bases = _dedupe(base_model or grid.base_model)  # none: the student's own base, left out of the points
+        points = [SweepPoint({"head": h, **({"base_model": b} if b else {})})
+                  for b, h in product(bases or [None], _dedupe(head or grid.head))]
     else:
         if head:
             raise SweepError(f"students.{name} is a {student.kind} student: --head only applies to encoder students")
@@ -127,7 +129,11 @@ def _base_params(base: str) -> float:
 
 def _cost(row: dict) -> tuple:
     if "head" in row:
-        return (HEAD_COST.get(row["head"], 9),)
+        if "base_model" not in row:
+            return (0, HEAD_COST.get(row["head"], 9))
+        from stillroom.models import encoder_base_dir
+
+        return (_base_params(str(encoder_base_dir(row["base_model"]))), HEAD_COST.get(row["head"], 9))
     return (_base_params(row["base_model"]), row.get("rank", 0), row["epochs"], row["learning_rate"])
 
 
