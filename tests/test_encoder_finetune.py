@@ -147,6 +147,9 @@ def test_classifier_finetune_starts_from_the_probe_and_keeps_the_best_epoch(tmp_
     by_epoch = metrics["finetune_val_agreement_by_epoch"]
     assert len(by_epoch) == 3 and all(0 <= a <= 1 for a in by_epoch)
     assert metrics["val_agreement"] == max(by_epoch) and by_epoch[metrics["finetune_best_epoch"] - 1] == max(by_epoch)
+    losses = metrics["finetune_val_log_loss_by_epoch"]  # equal agreement: the lower log-loss is kept
+    assert len(losses) == 3 and losses[metrics["finetune_best_epoch"] - 1] == min(
+        loss for a, loss in zip(by_epoch, losses) if a == max(by_epoch))
     assert 0 <= metrics["probe_val_agreement"] <= 1
     manifest = json.loads((tmp_path / "s" / "student.json").read_text())
     assert manifest["encoder"] == "all-MiniLM-L6-v2, classifier fine-tune"

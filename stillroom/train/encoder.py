@@ -254,7 +254,8 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
 
     AdamW at `finetune_learning_rate`, weight decay 0.01, 10% warmup then linear decay,
     `finetune_batch_size` texts a step, `finetune_epochs` epochs. With validation rows, agreement is
-    measured after each epoch and the best epoch's weights are kept (early stopping).
+    measured after each epoch and the best epoch's weights are kept (early stopping; at equal agreement
+    the lower validation log-loss).
     Measured on Banking77 (3,080 test rows; docs/training.md): with all 10,003 labels (8,420
     training rows) 93.80% (seed 1: 93.31%) against 93.08% for the contrastive recipe; with 1,000
     labels 83.7% against 84.5%. Starting from a zero head, 1,000 labels scored 81.3%.
@@ -293,14 +294,18 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
         # pipeline ends in a Normalize module; a plain encoder folder's does not.
         return linear(torch.nn.functional.normalize(model(features)["sentence_embedding"], dim=-1))
 
-    def agreement() -> float:
+    val_targets = torch.tensor([column.get(y, -100) for y in val_labels], device=device)  # -100: unseen label
+
+    def validate() -> tuple[float, float]:
+        """(agreement, mean log-loss of the teacher's labels) on validation."""
         model.eval()
-        hits = 0
+        hits, loss = 0, 0.0
         with torch.no_grad():
             for i in range(0, len(val_texts), 128):
-                predicted = logits(val_texts[i:i + 128]).argmax(-1).tolist()
-                hits += sum(classes[p] == y for p, y in zip(predicted, val_labels[i:i + 128]))
-        return hits / len(val_texts)
+                out, gold = logits(val_texts[i:i + 128]), val_targets[i:i + 128]
+                hits += (out.argmax(-1) == gold).sum().item()
+                loss += torch.nn.functional.cross_entropy(out, gold, reduction="sum").item()
+        return hits / len(val_texts), loss / max(1, int((val_targets != -100).sum()))
 
     size = config.finetune_batch_size
     steps = config.finetune_epochs * -(-len(texts) // size)
@@ -309,7 +314,7 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
     schedule = get_linear_schedule_with_warmup(optimizer, max(1, round(0.1 * steps)), steps)
     targets = torch.tensor([column[y] for y in labels], device=device)
     order, rng = list(range(len(texts))), random.Random(config.seed)
-    by_epoch, best, step = [], None, 0
+    by_epoch, losses, best, step = [], [], None, 0
     for _ in range(config.finetune_epochs):
         rng.shuffle(order)
         model.train()
@@ -324,9 +329,12 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
             if progress:
                 progress(step, steps)
         if val_texts:
-            by_epoch.append(round(agreement(), 6))
-            if best is None or by_epoch[-1] > best[0]:  # ties keep the earlier epoch
-                best = (by_epoch[-1], copy.deepcopy(model.state_dict()), copy.deepcopy(linear.state_dict()))
+            agreement, loss = validate()
+            by_epoch.append(round(agreement, 6))
+            losses.append(round(loss, 6))
+            # Best: higher agreement, then (small validation splits tie often) lower log-loss.
+            if best is None or (agreement, -loss) > best[0]:
+                best = ((agreement, -loss), copy.deepcopy(model.state_dict()), copy.deepcopy(linear.state_dict()))
     if best is not None:
         model.load_state_dict(best[1])
         linear.load_state_dict(best[2])
@@ -334,8 +342,9 @@ def finetune_classifier(texts: list[str], labels: list[int], val_texts: list[str
     tuned = {"kind": "logreg", "classes": np.array(classes), "coef": linear.weight.detach().cpu().numpy().copy(),
              "intercept": linear.bias.detach().cpu().numpy().copy()}
     metrics = {"finetune_steps": step, "finetune_seconds": round(time.perf_counter() - start, 3),
-               "finetune_val_agreement_by_epoch": by_epoch,
-               "finetune_best_epoch": by_epoch.index(max(by_epoch)) + 1 if by_epoch else config.finetune_epochs}
+               "finetune_val_agreement_by_epoch": by_epoch, "finetune_val_log_loss_by_epoch": losses,
+               "finetune_best_epoch": (max(range(len(by_epoch)), key=lambda e: (by_epoch[e], -losses[e])) + 1
+                                       if by_epoch else config.finetune_epochs)}
     return tuned, metrics
 
 

@@ -676,7 +676,8 @@ def train_lora(
     # A sharded run's optimizer state is saved by parameter name: it resumes only a sharded run.
     inputs_hash = _inputs_hash(train, val, labels, student_format, config, info) + ("-sharded" if sharded else "")
     state = {"step": 0, "epoch": 1, "batch": 0, "batches": None, "train_tokens": 0, "loop_seconds": 0.0,
-             "best": -1.0, "best_agreement": 0.0, "best_epoch": 0, "history": [], "resumed_from_step": None}
+             "best": -1.0, "best_agreement": 0.0, "best_epoch": 0, "history": [], "resumed_from_step": None,
+             "best_log_loss": float("inf"), "log_loss_history": []}
     ckpt_file = out_dir / CHECKPOINT_DIR / "state.pt"
     if ckpt_file.is_file():
         saved = torch.load(ckpt_file, map_location="cpu", weights_only=False)
@@ -803,15 +804,27 @@ def train_lora(
             with autocast:
                 probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
             agreement = score = (probs.argmax(-1) == val_gold).sum().item() / len(val)
+            # The tie-break: on a small validation split two epochs often agree equally often.
+            log_loss = -probs[torch.arange(len(val)), val_gold].float().clamp_min(1e-12).log().mean().item()
         if sharded:
             objective.reshard()
         state["history"].append(round(score, 4))
         state["epoch"], state["batch"], state["batches"] = epoch + 1, 0, None
+        if not generative:
+            state.setdefault("log_loss_history", []).append(round(log_loss, 4))
 
         # --- checkpoint: the best epoch's weights are what stay on disk ----------------------
+        # Best: the higher validation score; at equal agreement (classification) the lower validation
+        # log-loss. Banking77 at 1,000 labels + pseudo-labels, 65 validation rows: both epochs agreed on
+        # 78.5%, the tie kept epoch 1 (mid-schedule), and the student scored 82.2% on test against 85.2%
+        # for the epoch-2 weights of an earlier run.
         stop = False
-        if score > state["best"]:  # every process scores the same weights, so all stop together
+        best_loss = state.get("best_log_loss", float("inf"))  # a checkpoint from before the field
+        if score > state["best"] or (not generative and score == state["best"] and log_loss < best_loss):
+            # every process scores the same weights, so all stop together
             state["best"], state["best_agreement"], state["best_epoch"] = score, agreement, epoch
+            if not generative:
+                state["best_log_loss"] = log_loss
             if sharded:  # gathered whole by every process, written by rank 0
                 weights = full_weights()
                 if world.main:
@@ -836,6 +849,7 @@ def train_lora(
         "best_epoch": state["best_epoch"],
         "epochs_run": len(state["history"]),
         "val_agreement_by_epoch" if not generative else "val_score_by_epoch": state["history"],
+        **({} if generative else {"val_log_loss_by_epoch": state.get("log_loss_history", [])}),
         "steps": state["step"],
         "train_seconds": round(time.perf_counter() - started, 3),  # this process: load, train, val, save
         "train_tokens": state["train_tokens"],  # non-padding tokens through the forward/backward passes
