@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,12 @@ def test_stage_by_stage(project_dir):
     train = json.loads(cli("train", "-C", project_dir, "--json").stdout)
     assert train["encoder"]["skipped"] is False and train["encoder"]["metrics"]["val_agreement"] is not None
     assert json.loads(cli("train", "-C", project_dir, "--json").stdout)["encoder"]["skipped"] is True
+    # The matching run's folder deleted by hand: trained again as a new run rather than "reused" and
+    # failing later where eval loads it.
+    shutil.rmtree(train["encoder"]["artifact"])
+    again = json.loads(cli("train", "-C", project_dir, "--json").stdout)["encoder"]
+    assert again["skipped"] is False and again["run_id"] != train["encoder"]["run_id"]
+    assert Path(again["artifact"]).is_dir()
 
     ev = json.loads(cli("eval", "-C", project_dir, "--json").stdout)["encoder"]
     assert ev["vs_teacher"]["n"] == 18 and 0 <= ev["agreement"] <= 1

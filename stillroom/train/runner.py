@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from typing import Callable
 
@@ -229,6 +230,8 @@ def _train_student(project: Project, name: str, student: StudentConfig, force: b
         with project.store.engine.connect() as conn:
             previous = latest_run(conn, name)
         previous["reused_run"] = earlier["id"]
+    if previous and previous["artifact_path"] and not os.path.isdir(previous["artifact_path"]):
+        previous = None  # the matching run's folder was deleted: it is trained again, as a new run
     if previous and previous["data_fingerprint"] == fp and not force:
         previous["skipped"] = True
         tell({"skip": True, "run_id": previous["id"]})
