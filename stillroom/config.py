@@ -347,7 +347,7 @@ class StudentConfig(_Strict):
     def _base_model_for_kind(self) -> "StudentConfig":
         if self.kind == "ensemble":
             return self  # (rejected above when set)
-        from stillroom.models import BASE_MODELS, MINILM_NAME
+        from stillroom.models import BASE_MODELS, MINILM_NAME, SMOLLM2_NAME
 
         if self.kind == "encoder":
             if self.base_model is None:
@@ -357,7 +357,7 @@ class StudentConfig(_Strict):
                                  "encoder) nor an existing sentence-transformers or Hugging Face encoder folder")
             return self
         if self.base_model is None:
-            self.base_model = "smollm2-135m-instruct"
+            self.base_model = SMOLLM2_NAME
         elif self.base_model not in BASE_MODELS and not Path(self.base_model).is_dir():
             raise ValueError(f"base_model {self.base_model!r} is neither a known base model "
                              f"({', '.join(BASE_MODELS)}) nor an existing Hugging Face model folder")
