@@ -33,7 +33,8 @@ full = sys.argv[4] == "full"
 config = LoraConfig(base_model=sys.argv[2], rank=4, dropout=0.0, epochs=2, batch_size=5,
                     learning_rate=1e-3 if full else 5e-3, threads=1, checkpoint_every=0, full=full)
 result = train_lora(rows[:31], rows[31:], sorted(set(y for _, y in rows)), Path(sys.argv[3]), config)
-print("METRICS", json.dumps(result.metrics))
+sys.stdout.write("METRICS " + json.dumps(result.metrics) + "\\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 '''
 
 
@@ -47,6 +48,7 @@ def run_two_processes(tmp_path: Path, script_text: str, base: Path, kind: str) -
     done = torchrun(script, tmp_path / "rows.json", base, tmp_path / "two", kind)
     assert done.returncode == 0, done.stderr[-3000:]
     printed = [json.loads(line.split(" ", 1)[1]) for line in done.stdout.splitlines() if line.startswith("METRICS")]
+    assert len(printed) == 2, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
     return rows, printed
 
 
@@ -155,7 +157,8 @@ config = LoraConfig(base_model=sys.argv[2], rank=4, dropout=0.1, epochs=2, batch
                     learning_rate=1e-3 if full else 5e-3, threads=1, checkpoint_every=3, full=full)
 result = train_lora(rows[:31], rows[31:], sorted(set(y for _, y in rows)), Path(sys.argv[3]), config,
                     progress=progress)
-print("METRICS", json.dumps(result.metrics))
+sys.stdout.write("METRICS " + json.dumps(result.metrics) + "\\n")  # one write: ranks share the pipe
+sys.stdout.flush()
 '''
 
 

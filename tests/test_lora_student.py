@@ -74,10 +74,10 @@ def test_training_saves_a_loadable_student(trained):
         assert key in m
     assert 0.0 <= m["val_agreement"] <= 1.0
     assert 1 <= m["best_epoch"] <= m["epochs_run"] <= 2
-    # The best epoch: the highest validation agreement, the earlier on ties; log-loss recorded beside it.
+    # The best epoch: the highest validation agreement, the later on ties; log-loss recorded beside it.
     agreements, losses = m["val_agreement_by_epoch"], m["val_log_loss_by_epoch"]
     assert len(agreements) == len(losses) == m["epochs_run"] and all(loss > 0 for loss in losses)
-    assert m["best_epoch"] == 1 + agreements.index(max(agreements))
+    assert m["best_epoch"] == len(agreements) - agreements[::-1].index(max(agreements))  # ties: the later
     assert m["train_examples"] == 30 and m["train_tokens"] > 30 * 8 and m["train_tokens_per_s"] > 0
     assert steps and steps[0] == (1, 8) and [s for s, _ in steps] == list(range(1, len(steps) + 1))
 
@@ -137,6 +137,17 @@ def test_training_learns_a_separable_task(tiny_model, tmp_path):
     predictions = student.predict([x for x, _ in held_out])
     accuracy = sum(p.label == y for p, (_, y) in zip(predictions, held_out)) / len(held_out)
     assert accuracy >= 0.9
+
+
+def test_a_validation_tie_keeps_the_later_epoch(tiny_model, tmp_path):
+    # A learning rate too small to move any answer: both epochs score alike on validation, and the
+    # second (the annealed weights) is what stays on disk; training does not stop at the tie.
+    config = LoraConfig(base_model=str(tiny_model), rank=4, alpha=8, epochs=2, batch_size=8,
+                        learning_rate=1e-12, threads=2)
+    result = train_lora(toy_pairs(16, 1), toy_pairs(9, 2), LABELS, tmp_path, config)
+    m = result.metrics
+    assert m["epochs_run"] == 2 and m["val_agreement_by_epoch"][0] == m["val_agreement_by_epoch"][1] < 1.0, m
+    assert m["best_epoch"] == 2
 
 
 def test_bf16_precision_stores_the_frozen_base_in_bf16_and_keeps_the_adapter_in_fp32(tiny_model, tmp_path):

@@ -10,6 +10,7 @@ averaged by `torch.nn.parallel.DistributedDataParallel`; a full fine-tune is sha
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime
 import os
@@ -45,7 +46,18 @@ def world() -> World:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # Long enough for rank 0's work before the first collective (a self-training labeller, say).
         dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=6))
+        atexit.register(_shut_down)
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _shut_down() -> None:
+    """Destroy the process group at exit, before the interpreter's own teardown. Without it a CI
+    rehearsal once saw a rank abort while exiting ("terminate called without an active exception",
+    a C++ thread still running as the process went down), its buffered output lost."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager
