@@ -87,6 +87,11 @@ STUDENTS = [
        "pseudo_labels": {"student": "ensemble_ce_st"}} for k in (1, 2)),
     *({"name": f"ensemble_ce_st2_s{k}", "kind": "ensemble", "members": ["encoder", f"encoder_ce_st2_s{k}", "lora_st"]}
       for k in (1, 2)),
+    # A third round: encoder_ce_st2, the best 1,000-label student (a single encoder), labels the pool for
+    # a fresh classifier fine-tune. Does a better single-model labeller help where encoder_ft's second
+    # round (labelled by the self-trained encoder) did not?
+    {"name": "encoder_ce_st3", "kind": "encoder", "finetune": "classifier",
+     "pseudo_labels": {"student": "encoder_ce_st2"}},
 ]
 NEEDS_GEMMA = {"gemma", "ensemble_gemma"}
 # All 10,003 labels: 8,420 training rows, so each LoRA epoch (about 17 minutes on 2 cores) gives as many
@@ -96,7 +101,7 @@ ALL_LABELS = {"lora": {"epochs": 2}}
 # With every train row labelled there is no unlabelled input to self-train on.
 ONLY_WITH_UNLABELLED = {"encoder_st", "lora_st", "lora_st_s1", "ensemble_st", "encoder_st2", "ensemble_st2", "encoder_ce_st",
                         "ensemble_ce_st", "encoder_ce_st2", "ensemble_ce_st2", "encoder_ce_st2_s1",
-                        "encoder_ce_st2_s2", "ensemble_ce_st2_s1", "ensemble_ce_st2_s2"}
+                        "encoder_ce_st2_s2", "ensemble_ce_st2_s1", "ensemble_ce_st2_s2", "encoder_ce_st3"}
 ONLY_ALL_LABELS = {"encoder_ft_s1", "encoder_ft_s2", "ensemble_seeds", "encoder_ce_s1",
                    "ensemble_ce_seeds"} | NEEDS_GEMMA
 PARTS = ("1000", "all")  # `bench/run students_banking77 --part all` re-runs one size, keeping the other
