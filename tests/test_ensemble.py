@@ -137,3 +137,47 @@ def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_di
     for command in ("export", "sweep"):
         with pytest.raises(StillroomError, match="'?ens'? is an ensemble"):
             runner.invoke(app, [command, "ens", "-C", str(root)], catch_exceptions=False)
+
+
+def test_eval_compares_an_ensemble_with_its_members_on_the_same_lock(tmp_path):
+    root = tmp_path / "p"
+    _cli("init", root)
+    students = ("  - {name: a, kind: encoder}\n  - {name: b, kind: encoder, head: mlp}\n"
+                "  - {name: ens, kind: ensemble, members: [a, b]}\n")
+    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
+    write_chat_jsonl(root / "data.jsonl", synthetic_rows(20))
+    for stage in ("import", "split", "lock"):
+        _cli(stage, *([root / "data.jsonl"] if stage == "import" else []), "-C", root)
+    _cli("train", "ens", "-C", root)
+
+    # No member evaluated yet: nothing to compare with.
+    alone = json.loads(_cli("eval", "ens", "-C", root, "--json").stdout)
+    assert "vs_members" not in alone["ens"]
+
+    out = _cli("eval", "a", "b", "ens", "-C", root, "--json")
+    results = json.loads(out.stdout)
+    vs = results["ens"]["vs_members"]
+    assert vs["members"] == {"a": results["a"]["agreement"], "b": results["b"]["agreement"]}
+    assert vs["members"][vs["best_member"]] == max(vs["members"].values())
+    assert vs["below_best_member"] == (max(vs["members"].values()) > results["ens"]["agreement"])
+    assert "vs_members" not in results["a"]  # only ensembles are compared
+    stored = json.loads(_cli("eval", "--show", "-C", root, "--json").stdout)
+    assert stored["ens"]["vs_members"] == vs
+
+    # The comparison itself: an ensemble result below its best member is flagged; one on another lock
+    # finds no member to compare with.
+    from stillroom.evaluate.evaluator import ensemble_vs_members
+    from stillroom.project import Project
+
+    project = Project.open(root)
+    try:
+        below = ensemble_vs_members(project, "ens", {**results["ens"], "agreement": -1.0})
+        assert below["below_best_member"] and below["members"] == vs["members"]
+        assert ensemble_vs_members(project, "ens", {**results["ens"], "lock_id": -1}) is None
+        assert ensemble_vs_members(project, "a", results["a"]) is None
+    finally:
+        project.close()
+
+    human = _cli("eval", "--show", "-C", root).stdout
+    best = vs["best_member"]
+    assert f"its best member, {best}" in human or f"below its member {best}" in human

@@ -112,6 +112,30 @@ def _no_coverage_curve(results: dict) -> dict:
     return {n: {k: v for k, v in r.items() if k != "coverage_curve"} for n, r in results.items()}
 
 
+def _add_member_comparison(project, results: dict) -> None:
+    """Each ensemble's result gains `vs_members`: its members' deployed agreement on the same lock."""
+    from stillroom.evaluate.evaluator import ensemble_vs_members
+
+    for n, r in results.items():
+        if (vs := ensemble_vs_members(project, n, r)) is not None:
+            r["vs_members"] = vs
+
+
+def _show_member_comparison(results: dict) -> None:
+    for n, r in results.items():
+        vs = r.get("vs_members")
+        if not vs:
+            continue
+        best = vs["best_member"]
+        if vs["below_best_member"]:
+            console().print(f"[yellow]{n}[/]: {pct(r['agreement'])} on the locked eval, below its member {best} "
+                            f"alone ({pct(vs['members'][best])}, same lock). The member is cheaper to serve; "
+                            f"consider deploying it instead.", soft_wrap=True)
+        else:
+            console().print(f"{n}: {pct(r['agreement'])} on the locked eval; its best member, {best}, "
+                            f"scores {pct(vs['members'][best])} alone.", soft_wrap=True)
+
+
 @app.command("eval")
 def eval_(
     students: Annotated[Optional[list[str]], typer.Argument(help="Student names (default: all trained).")] = None,
@@ -161,7 +185,9 @@ def eval_(
         results = {n: e for n in names if (e := latest_evaluation(project, n)) is not None}
         if not results:
             raise UserError("no stored evaluation of " + ", ".join(names) + "; run `stillroom eval`")
-        emit(as_json, _no_coverage_curve(results), lambda: _show_evaluations(results, "Stored evaluations (locked eval split)"))
+        _add_member_comparison(project, results)
+        emit(as_json, _no_coverage_curve(results), lambda: (
+            _show_evaluations(results, "Stored evaluations (locked eval split)"), _show_member_comparison(results)))
         return
     results = {}
     for name in names:
@@ -190,7 +216,10 @@ def eval_(
         _show_evaluations(results, "Locked eval split (agree = agreement with the teacher)")
         for n, r in results.items():
             _show_type_details(n, r)
+        _show_member_comparison(results)
 
+    if not shadow:
+        _add_member_comparison(project, results)
     emit(as_json, _no_coverage_curve(results), human)
 
 
