@@ -54,6 +54,28 @@ def project_yaml(students: str = "  - {name: encoder, kind: encoder}\n", extra: 
     )
 
 
+def locked_cli_project(root: Path, students: str, n_per_label: int) -> Path:
+    """A project made through the CLI as a user would: `init`, a stillroom.yaml with `students`,
+    `synthetic_rows(n_per_label)` imported as chat JSONL, then `split` and `lock`."""
+    from typer.testing import CliRunner
+
+    from stillroom.cli.main import app
+
+    runner = CliRunner()
+
+    def cli(*args):
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+
+    cli("init", root)
+    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
+    write_chat_jsonl(root / "data.jsonl", synthetic_rows(n_per_label))
+    cli("import", root / "data.jsonl", "-C", root)
+    cli("split", "-C", root)
+    cli("lock", "-C", root)
+    return root
+
+
 @pytest.fixture
 def yaml_project(tmp_path):
     """yaml_project(config_text, name="proj") -> a Project opened on exactly that stillroom.yaml;

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import project_yaml, synthetic_rows, write_chat_jsonl
+from conftest import locked_cli_project, project_yaml
 from stillroom.cli.main import app
 from stillroom.config import ConfigError
 from stillroom.errors import StillroomError
@@ -87,16 +87,11 @@ def test_ensemble_config_errors_name_the_problem(yaml_project, students, message
 
 
 def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_dir, monkeypatch):
-    root = tmp_path / "p"
-    _cli("init", root)
     students = ("  - {name: enc, kind: encoder}\n"
                 f"  - {{name: lora, kind: lora, base_model: '{tiny_llama_dir}', epochs: 1, learning_rate: 0.005,"
                 " rank: 4, batch_size: 16, deploy: int8}\n"
                 "  - {name: ens, kind: ensemble, members: [enc, lora]}\n")
-    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
-    write_chat_jsonl(root / "data.jsonl", synthetic_rows(20))
-    for stage in ("import", "split", "lock"):
-        _cli(stage, *([root / "data.jsonl"] if stage == "import" else []), "-C", root)
+    root = locked_cli_project(tmp_path / "p", students, 20)
 
     # Training the ensemble trains its members and exports the artifact the lora member deploys.
     out = json.loads(_cli("train", "ens", "-C", root, "--json").stdout)["ens"]
@@ -140,14 +135,9 @@ def test_ensemble_of_an_encoder_and_an_int8_lora_student(tmp_path, tiny_llama_di
 
 
 def test_eval_compares_an_ensemble_with_its_members_on_the_same_lock(tmp_path):
-    root = tmp_path / "p"
-    _cli("init", root)
     students = ("  - {name: a, kind: encoder}\n  - {name: b, kind: encoder, head: mlp}\n"
                 "  - {name: ens, kind: ensemble, members: [a, b]}\n")
-    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
-    write_chat_jsonl(root / "data.jsonl", synthetic_rows(20))
-    for stage in ("import", "split", "lock"):
-        _cli(stage, *([root / "data.jsonl"] if stage == "import" else []), "-C", root)
+    root = locked_cli_project(tmp_path / "p", students, 20)
     _cli("train", "ens", "-C", root)
 
     # No member evaluated yet: nothing to compare with.

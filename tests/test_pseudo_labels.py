@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import project_yaml, synthetic_rows, write_chat_jsonl
+from conftest import locked_cli_project, project_yaml, synthetic_rows, write_chat_jsonl
 from stillroom.cli.main import app
 from stillroom.config import ConfigError
 from stillroom.train.pseudo import select_rows, unlabelled_pool
@@ -60,14 +60,9 @@ def test_select_rows_caps_each_label_by_confidence_and_keeps_pool_order():
 
 
 def test_self_trained_student_learns_from_the_unlabelled_inputs(tmp_path):
-    root = tmp_path / "p"
-    _cli("init", root)
     students = ("  - {name: enc, kind: encoder}\n"
                 "  - {name: st, kind: encoder, pseudo_labels: {student: enc, per_label: 5, min_confidence: 0.4}}\n")
-    (root / "stillroom.yaml").write_text(project_yaml(students), encoding="utf-8")
-    write_chat_jsonl(root / "data.jsonl", synthetic_rows(15))
-    for stage in ("import", "split", "lock"):
-        _cli(stage, *([root / "data.jsonl"] if stage == "import" else []), "-C", root)
+    root = locked_cli_project(tmp_path / "p", students, 15)
     from stillroom.project import Project
     from stillroom.store.records import split_rows
 
