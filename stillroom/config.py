@@ -295,9 +295,15 @@ class StudentConfig(_Strict):
     # (measured on an AMX CPU: bf16 autocast was no faster to train and slower per single input)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # lora on a CPU, Llama-architecture base: the training forward through torch.compile (train_speed
-    # bench: 1.09x the tokens/s in fp32, 1.27x with bf16 weights; 8-22 s to compile). auto: runs of 400+ steps.
+    # bench: 1.20x the tokens/s in fp32, 1.45x with bf16 weights; 3-22 s to compile). auto: runs of 200+ steps.
+    # true, with scoring 'head': predictions compiled too (~100 s per batch shape on first use; Banking77
+    # single-input latency: docs/training.md). Read from the trained student's folder.
     # How the model is computed, not what it learns: runs are reused across this setting.
     compile: Literal["auto"] | bool = "auto"
+    # lora and full, classification: "labels" scores every label's tokens as the model's continuation of
+    # the prompt; "head" reads a linear layer over the labels on the prompt's last hidden state: one
+    # pass per input whatever the number of labels (Banking77's 77: see docs/training.md).
+    scoring: Literal["labels", "head"] = "labels"
     # The artifact that goes to production; the gate and the gateway use its own evaluation.
     deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
     # The grid `stillroom sweep NAME` trains; None: the built-in default grid.
@@ -371,6 +377,12 @@ class StudentConfig(_Strict):
             raise ValueError("quantization '4bit' (QLoRA) applies to kind 'lora' only")
         if self.compile is True and (self.kind != "lora" or self.quantization):
             raise ValueError("compile: true applies to kind 'lora' trained on a CPU (not QLoRA)")
+        if self.scoring == "head" and self.kind not in ("lora", "full"):
+            raise ValueError(f"scoring 'head' applies to kinds 'lora' and 'full' (an {self.kind} student "
+                             "always classifies with a head)")
+        if self.scoring == "head" and self.deploy.startswith("gguf-"):
+            raise ValueError(f"deploy '{self.deploy}': a scoring 'head' student's label head has no place in "
+                             "llama.cpp's GGUF runtime; deploy 'merged', 'int8' or 'fp32'")
         return self
 
 
@@ -578,6 +590,10 @@ class ProjectConfig(_Strict):
                                  "list their members instead")
         _check_pseudo_labellers(self.students, by_name, self.task.type)
         if self.task.type != "classification":
+            heads = [s.name for s in self.students if s.scoring == "head"]
+            if heads:
+                raise ValueError(f"student(s) {', '.join(heads)}: scoring 'head' reads a label head, so it needs "
+                                 f"a classification task (this one is {self.task.type}); leave scoring out")
             encoders = [s.name for s in self.students if s.kind == "encoder"]
             if encoders:
                 raise ValueError(f"student(s) {', '.join(encoders)}: an encoder student only classifies; "

@@ -53,6 +53,7 @@ students:
     kind: encoder          # all-MiniLM-L6-v2 embeddings + logistic regression
   - name: lora
     kind: lora             # LoRA on SmolLM2-135M-Instruct, predicts by scoring every label
+    # scoring: head        # or: a linear head over the labels, one pass per input (many labels)
     rank: 16
     learning_rate: 0.0003
     epochs: 3

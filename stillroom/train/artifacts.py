@@ -57,13 +57,14 @@ def load_artifact(path: Path | str):
 def _lora_student(model, path: Path, manifest: dict):
     from transformers import AutoTokenizer
 
-    from stillroom.train.lora import LoraConfig, LoraStudent
+    from stillroom.train.lora import LoraConfig, LoraStudent, load_label_head
 
     config = LoraConfig(**{**manifest["config"], "base_model": str(path)})
     set_torch_threads(config.threads)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return LoraStudent(model.eval(), tokenizer, manifest["labels"], manifest["student_format"], config,
-                       task=manifest.get("task"), kind=manifest.get("kind"))
+                       task=manifest.get("task"), kind=manifest.get("kind"),
+                       label_head=load_label_head(path) if config.scoring == "head" else None)
 
 
 def _load_merged(path: Path, manifest: dict):

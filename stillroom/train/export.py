@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from stillroom.errors import StillroomError
+from stillroom.train.lora import HEAD_FILE
 
 __all__ = ["FORMATS", "ExportError", "export_student", "export_adapter", "export_merged",
            "export_int8", "export_gguf"]
@@ -152,6 +153,8 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
     tmp = _fresh(Path(out_dir))
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(run_dir).save_pretrained(tmp)
+    if (run_dir / HEAD_FILE).is_file():  # a `scoring: head` student's label head rides along as is
+        shutil.copy2(run_dir / HEAD_FILE, tmp / HEAD_FILE)
     student = _student_json(run_dir, "merged")
     (tmp / "student.json").write_text(json.dumps(student, indent=2) + "\n", encoding="utf-8")
     del model
@@ -211,7 +214,7 @@ def export_int8(merged_dir: Path, out_dir: Path, keep_fp32: tuple[str, ...] = IN
     tmp = _fresh(Path(out_dir))
     save_file(tensors, str(tmp / INT8_FILE), metadata={"format": "stillroom-int8-dynamic"})
     model.config.save_pretrained(tmp)
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, HEAD_FILE):  # the label head (if any) stays fp32: 77 x 576 numbers
         if (merged_dir / name).is_file():
             shutil.copy2(merged_dir / name, tmp / name)
     student = json.loads((merged_dir / "student.json").read_text(encoding="utf-8"))
@@ -479,6 +482,14 @@ def export_student(project, name: str, formats=("all",), evaluate: bool = True,
     if not (run_dir / "student.json").is_file():
         raise ExportError(f"the trained student of run {run['id']} is missing from {run_dir}; "
                           f"retrain it with `stillroom train {name} --force`")
+    trained = json.loads((run_dir / "student.json").read_text(encoding="utf-8"))
+    if trained.get("config", {}).get("scoring") == "head":
+        gguf = [f for f in wanted if f.startswith("gguf-")]
+        named = [formats] if isinstance(formats, str) else list(formats)
+        if gguf and "all" not in named:
+            raise ExportError(f"student '{name}' reads a label head (scoring: head), which llama.cpp's GGUF "
+                              "runtime has no place for; export 'merged' or 'int8' instead")
+        wanted = [f for f in wanted if f not in gguf]
 
     root = project.artifacts / "exports" / f"{name}-run{run['id']}"
     source = {"student": name, "run_id": run["id"], "run_dir": str(run_dir)}

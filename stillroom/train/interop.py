@@ -45,6 +45,9 @@ def _lora_student(project, name: str):
     if student.kind != "lora":
         raise InteropError(f"students.{name} is a {student.kind} student; Axolotl/Unsloth recipes and adapter "
                            "imports are for lora students")
+    if student.scoring == "head":
+        raise InteropError(f"students.{name} reads a label head (scoring: head), which Axolotl and Unsloth "
+                           "do not train; recipes and adapter imports are for label-scoring lora students")
     return student
 
 

@@ -61,6 +61,10 @@ class LoraConfig:
     # CPU LoRA of a Llama-architecture base: run the training forward through torch.compile
     # (compiled_llama). "auto": when the run has at least compiled_llama.AUTO_MIN_STEPS steps.
     compile: str | bool = "auto"
+    # Classification: "labels" scores every label's tokens as the LM's continuation of the prompt;
+    # "head" puts a linear layer over the labels on the prompt's last hidden state (`new_label_head`):
+    # one pass per input whatever the number of labels, no vocabulary logits at all.
+    scoring: str = "labels"
 
     def __post_init__(self):
         self.target_modules = tuple(self.target_modules)  # JSON round-trips give a list
@@ -84,6 +88,7 @@ class LoraConfig:
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("precision", self.precision in ("auto", "bf16", "fp32"), "'auto', 'bf16' or 'fp32'"),
             ("compile", self.compile in ("auto", True, False), "'auto', true or false"),
+            ("scoring", self.scoring in ("labels", "head"), "'labels' or 'head'"),
         ]
         for name, ok, expected in checks:
             if not ok:
@@ -160,7 +165,8 @@ def _answer_loss(model, decoder, head, compiled=None):
     class AnswerLoss(torch.nn.Module):
         """Summed cross-entropy of the answer tokens. Vocabulary logits only where an answer token
         is predicted: on every position the LM head would be ~20% of SmolLM2's forward FLOPs, plus
-        a [tokens x 49k] logits tensor."""
+        a [tokens x 49k] logits tensor. With a label head (`scoring: head`), `head` is that head and
+        the targets are label indices, read at each prompt's last position."""
 
         def __init__(self):
             super().__init__()
@@ -171,7 +177,7 @@ def _answer_loss(model, decoder, head, compiled=None):
                 hidden = compiled.hidden(ids)
             else:
                 hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            logits = head(hidden[rows, cols])
+            logits = head(hidden[rows, cols].to(head.weight.dtype))  # the label head is fp32 on a bf16 base
             return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
     return AnswerLoss()
@@ -297,7 +303,16 @@ def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int, keep_cache:
     `keep_cache`, (those, the prompts' KV cache) for `_candidate_logprobs(prefix=...)`."""
     import torch
 
-    decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    head = lm.get_output_embeddings()
+    out = lm.get_decoder()(**_left_padded(prompts, pad_id, head.weight.device), use_cache=keep_cache)
+    first = head(out.last_hidden_state[:, -1].contiguous()).float().log_softmax(-1)
+    return (first, out.past_key_values) if keep_cache else first
+
+
+def _left_padded(prompts: list[list[int]], pad_id: int, device) -> dict:
+    """The decoder's inputs for a batch of prompts, left-padded so each one's last token is at -1."""
+    import torch
+
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -305,11 +320,7 @@ def _first_token_logprobs(lm, prompts: list[list[int]], pad_id: int, keep_cache:
         ids[row, width - len(p):] = torch.tensor(p)
         mask[row, width - len(p):] = 1
     positions = (mask.cumsum(1) - 1).clamp(min=0)
-    dev = head.weight.device
-    out = decoder(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=positions.to(dev),
-                  use_cache=keep_cache)
-    first = head(out.last_hidden_state[:, -1].contiguous()).float().log_softmax(-1)
-    return (first, out.past_key_values) if keep_cache else first
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": positions.to(device)}
 
 
 def _candidate_logprobs(lm, prompts: list[list[int]], answers: list[list[int]], candidates: list[list[int]],
@@ -420,6 +431,129 @@ def _label_probs(lm, prompts, answers, pad_id, batch_size: int, prune: bool | No
             rows = order[start : start + batch_size]
             scores = score(lm, [prompts[i] for i in rows], answers, pad_id)
             probs[rows] = scores.softmax(-1).cpu()
+    return probs
+
+
+# --- the label head (`scoring: head`) -----------------------------------------------------------
+
+HEAD_FILE = "label_head.safetensors"  # the head's weight and bias, beside the adapter (or full model)
+HEAD_MODULE = "stillroom_label_head"  # its name on the model while training (so it trains and checkpoints)
+
+
+def new_label_head(lm, answers: list[list[int]]):
+    """A linear layer [hidden size -> labels] read on the prompt's last hidden state.
+
+    Each label's row starts at the mean output embedding of the label's own tokens, so before any
+    training a label's logit is the average of its tokens' logits at the answer position: the base
+    model's reading of the label names as the prior, where a random start would have none. The
+    bias starts at 0. Kept in fp32 whatever the base's dtype."""
+    import torch
+
+    emb = lm.get_output_embeddings().weight.detach().float()
+    head = torch.nn.Linear(emb.shape[1], len(answers), bias=True, device=emb.device)
+    with torch.no_grad():
+        for j, answer in enumerate(answers):
+            head.weight[j] = emb[answer[:-1] or answer].mean(0)  # the label's tokens, end-of-turn left out
+        head.bias.zero_()
+    return head
+
+
+def save_label_head(weights: dict, folder: Path) -> None:
+    """Write the head (`weight`, `bias` tensors) as HEAD_FILE in `folder`."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()}, str(Path(folder) / HEAD_FILE))
+
+
+def load_label_head(folder: Path):
+    """The head saved in `folder` as an fp32 `torch.nn.Linear`, in eval mode."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(folder) / HEAD_FILE
+    if not path.is_file():
+        from stillroom.errors import StillroomError
+
+        raise StillroomError(f"{path} is missing: a `scoring: head` student needs its label head; "
+                             "re-export or retrain the student")
+    tensors = load_file(str(path))
+    head = torch.nn.Linear(tensors["weight"].shape[1], tensors["weight"].shape[0], bias=True)
+    head.load_state_dict(tensors)
+    return head.eval()
+
+
+def _head_logits(lm, head, prompts: list[list[int]], pad_id: int):
+    """[len(prompts), labels] head logits: one decoder pass, the head on each prompt's last state."""
+    out = lm.get_decoder()(**_left_padded(prompts, pad_id, head.weight.device), use_cache=False)
+    return head(out.last_hidden_state[:, -1].to(head.weight.dtype))
+
+
+def compiled_head_forward(lm, head, pad_id: int):
+    """`forward(prompts) -> logits` for `_head_probs`: the decoder and head through torch.compile
+    (Inductor, max-autotune, weights frozen into the graph). For inference only.
+
+    Why: one input of ~20 tokens through SmolLM2-135M is ~4 GFLOP, too little work to hide eager
+    PyTorch's per-operator cost (30 layers x ~15 operators). Measured on 2 cores of an AMX CPU
+    (bf16 weights, one 20-token input, the decoder alone, 2026-11-25): eager 34 ms; compiled 22.5 ms
+    with frozen weights; 15.4 ms adding max-autotune, which picks Inductor's AMX micro-kernels over
+    oneDNN's for these small products. Compiling costs about 100 s per batch shape class (one input,
+    several inputs), paid by the first call of each."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    decoder = lm.get_decoder()
+
+    def logits(ids, mask, positions):
+        hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        return head(hidden.last_hidden_state[:, -1].to(head.weight.dtype))
+
+    compiled = torch.compile(logits, dynamic=True, mode="max-autotune-no-cudagraphs")
+
+    dtype = next(decoder.parameters()).dtype
+
+    def forward(prompts):
+        # Inputs made inside inference mode, always: dynamo guards on it, so a warm-up call made
+        # outside it (plain tensors) would not serve `_head_probs`'s calls (inference tensors).
+        with torch.inference_mode():
+            inputs = _left_padded(prompts, pad_id, head.weight.device)
+            # The mask as a 4-D additive one, whole: given the 2-D padding mask, transformers branches
+            # on whether it holds any padding (data the graph cannot see).
+            real = inputs["attention_mask"].bool()
+            width = real.shape[1]
+            allowed = torch.ones((width, width), dtype=torch.bool, device=real.device).tril() & real[:, None, :]
+            allowed |= torch.eye(width, dtype=torch.bool, device=real.device)  # padding rows: none all-masked
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=real.device).masked_fill_(
+                ~allowed, torch.finfo(dtype).min)
+            args = (inputs["input_ids"], mask[:, None], inputs["position_ids"])
+            if forward.failed is None:
+                try:  # freezing: the frozen weights become graph constants, so Inductor can pre-pack them
+                    # (quiet: max-autotune otherwise prints every product's kernel timings to stderr)
+                    with inductor_config.patch(freezing=True, autotune_num_choices_displayed=0,
+                                               max_autotune_report_choices_stats=False), warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+                        return compiled(*args)
+                except Exception as exc:  # noqa: BLE001 - no C++ compiler, an Inductor bug: eager answers the same
+                    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+                    forward.failed = f"torch.compile failed ({type(exc).__name__}: {first})"
+                    warnings.warn(f"{forward.failed}; predicting eagerly", RuntimeWarning, stacklevel=2)
+            return logits(*args)
+
+    forward.failed = None  # why the compiled forward gave up, once it has
+    return forward
+
+
+def _head_probs(lm, head, prompts, pad_id, batch_size: int, forward=None):
+    """[len(prompts), labels] label probabilities from the head, batched over length-sorted prompts.
+    `forward(prompts) -> logits` replaces the eager `_head_logits` (a compiled one, see `LoraStudent`)."""
+    import torch
+
+    forward = forward or (lambda rows: _head_logits(lm, head, rows, pad_id))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    probs = torch.empty((len(prompts), head.out_features))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            probs[rows] = forward([prompts[i] for i in rows]).float().softmax(-1).cpu()
     return probs
 
 
@@ -556,6 +690,10 @@ def train_lora(
                                                       "metric": "accuracy", "max_output_tokens": None,
                                                       "schema": None}
     labels = [] if generative else list(labels)
+    by_head = config.scoring == "head"
+    if generative and by_head:
+        raise ValueError(f"LoraConfig.scoring='head' applies to classification; a {info['type']} student "
+                         "decodes its answer, leave scoring at 'labels'")
     if not generative and (not labels or len(set(labels)) != len(labels)):
         raise ValueError(f"labels={labels!r}: expected a non-empty list of distinct labels")
     if not train or not val:
@@ -605,7 +743,9 @@ def train_lora(
         answers = _encode_answers(tokenizer, frame, labels)
         label_index = {label: j for j, label in enumerate(labels)}
         train_prompts, val_prompts = fmt(train), fmt(val)
-        train_answers = [answers[label_index[y]] for _, y in train]
+        # the head reads the prompt's last state: no answer tokens go through the model
+        train_answers = [[] if by_head else answers[label_index[y]] for _, y in train]
+        train_gold = [label_index[y] for _, y in train]
         val_gold = torch.tensor([label_index[y] for _, y in val])
 
     base = _load_base(base_dir, config, device)
@@ -629,6 +769,10 @@ def train_lora(
         fused_lora.fuse(model)  # one autograd function per LoRA layer (see fused_lora for the profile)
     lm = model if config.full else model.get_base_model()  # we call the LM's parts directly
     decoder, head = lm.get_decoder(), lm.get_output_embeddings()
+    label_head = None
+    if by_head:  # a module of the model: it trains, checkpoints and shards with the adapter
+        label_head = new_label_head(lm, answers)
+        model.add_module(HEAD_MODULE, label_head)
     if device == "cuda":
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if not config.full:
@@ -636,7 +780,7 @@ def train_lora(
     steps_per_epoch = -(-len(train) // config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     compiled, compile_skipped = _compiled_decoder(lm, model, config, device, total_steps, pad_id)
-    objective = _answer_loss(model, decoder, head, compiled)
+    objective = _answer_loss(model, decoder, label_head if by_head else head, compiled)
     # Several processes: a full fine-tune shards its weights, gradients and optimizer state across them
     # (FSDP2, `fully_shard` per decoder layer, like DeepSpeed ZeRO-3), so a base too large for one
     # GPU's weights + AdamW state still trains; a LoRA adapter is small, so each process keeps the
@@ -750,7 +894,7 @@ def train_lora(
             state["batches"] = _length_bucketed_batches(lengths, config.batch_size, rng)
         while state["batch"] < len(state["batches"]):
             batch = state["batches"][state["batch"]]
-            answer_tokens = sum(len(train_answers[i]) for i in batch)
+            answer_tokens = len(batch) if by_head else sum(len(train_answers[i]) for i in batch)
             batch_tokens = sum(lengths[i] for i in batch)
             # This process's share of the batch (all of it in one process). A share left empty by a
             # short last batch still runs one row, weighted 0, so every process joins the all-reduce.
@@ -765,6 +909,10 @@ def train_lora(
                 prompt, answer = train_prompts[i], train_answers[i]
                 ids[r, : lengths[i]] = torch.tensor(prompt + answer)
                 mask[r, : lengths[i]] = 1
+                if by_head:  # the head reads the prompt's last position and predicts the label's index
+                    rows.append(r)
+                    cols.append(len(prompt) - 1)
+                    targets.append(train_gold[i])
                 # the position before each answer token is the one that predicts it
                 for k, token in enumerate(answer):
                     rows.append(r)
@@ -802,7 +950,8 @@ def train_lora(
             score = sum(scores) / len(scores)
         else:
             with autocast:
-                probs = _label_probs(lm, val_prompts, answers, pad_id, batch_size=16)
+                probs = (_head_probs(lm, label_head, val_prompts, pad_id, 16) if by_head
+                         else _label_probs(lm, val_prompts, answers, pad_id, batch_size=16))
             agreement = score = (probs.argmax(-1) == val_gold).sum().item() / len(val)
             log_loss = -probs[torch.arange(len(val)), val_gold].float().clamp_min(1e-12).log().mean().item()
         if sharded:
@@ -825,9 +974,15 @@ def train_lora(
             if sharded:  # gathered whole by every process, written by rank 0
                 weights = full_weights()
                 if world.main:
-                    model.save_pretrained(out_dir, state_dict=weights)
+                    model.save_pretrained(out_dir, state_dict=_without_head(weights))
+                    if by_head:
+                        save_label_head(_head_weights(weights), out_dir)
             elif world.main:
-                model.save_pretrained(out_dir)
+                # a full model's state dict holds the label head: it goes to its own file
+                model.save_pretrained(out_dir, **({"state_dict": _without_head(model.state_dict())}
+                                                  if by_head and config.full else {}))
+                if by_head:
+                    save_label_head(label_head.state_dict(), out_dir)
         elif epoch - state["best_epoch"] >= 1:
             stop = True  # early stopping: no improvement for one epoch
         if state["best"] >= 1.0:
@@ -883,6 +1038,16 @@ def train_lora(
     return TrainResult(path=out_dir, metrics=metrics)
 
 
+def _head_weights(weights: dict) -> dict:
+    """The label head's tensors (`weight`, `bias`) out of a model's weights by name."""
+    prefix = HEAD_MODULE + "."
+    return {k.rsplit(".", 1)[1]: v for k, v in weights.items() if k.startswith(prefix) or f".{prefix}" in k}
+
+
+def _without_head(weights: dict) -> dict:
+    return {k: v for k, v in weights.items() if not (k.startswith(HEAD_MODULE + ".") or f".{HEAD_MODULE}." in k)}
+
+
 def train_full(train, val, labels, out_dir, config: LoraConfig, student_format: str = "{input}",
                progress=None, task=None) -> TrainResult:
     """The `full` student: the same recipe with every weight trainable and no adapter."""
@@ -896,13 +1061,17 @@ def train_full(train, val, labels, out_dir, config: LoraConfig, student_format: 
 
 class LoraStudent:
     """A trained `lora` (or `full`) student: fp32 weights with the adapter merged in. Classification
-    scores every label; extraction and generation decode greedily (extraction under the schema)."""
+    scores every label (or, with `scoring: head`, reads its label head on the prompt's last state);
+    extraction and generation decode greedily (extraction under the schema)."""
 
     kind = "lora"
 
     def __init__(self, model, tokenizer, labels: list[str], student_format: str, config: LoraConfig,
-                 task: dict | None = None, kind: str | None = None):
+                 task: dict | None = None, kind: str | None = None, label_head=None):
+        if config.scoring == "head" and label_head is None:
+            raise ValueError("a `scoring: head` student needs its label head (load_label_head)")
         self.model = model
+        self.label_head = label_head if config.scoring == "head" else None
         self.tokenizer = tokenizer
         self.labels = labels
         self.student_format = student_format
@@ -914,6 +1083,9 @@ class LoraStudent:
         self._pad_id = _pad_id(tokenizer)
         self._answers = _encode_answers(tokenizer, self._frame, labels) if labels else []
         self._constraint = None  # compiled on first extraction call (~1 s for SmolLM2's vocabulary)
+        self._head_forward = None  # a compiled one after `compile_predictions()`
+        if self.label_head is not None and config.compile is True:
+            self.compile_predictions(warm_up=False)  # each batch shape compiles on its first call
         # On a CPU, bf16 is in the stored weights (see `inference_dtype`); autocast is a GPU thing.
         self._autocast = lambda: autocast_for(config.precision, "cpu")
 
@@ -942,7 +1114,27 @@ class LoraStudent:
                 model = PeftModel.from_pretrained(model, path).merge_and_unload().to(dtype).eval()
         tokenizer = AutoTokenizer.from_pretrained(path)
         return cls(model, tokenizer, manifest["labels"], manifest["student_format"], config,
-                   task=manifest.get("task"), kind=manifest["kind"])
+                   task=manifest.get("task"), kind=manifest["kind"],
+                   label_head=load_label_head(path) if config.scoring == "head" else None)
+
+    def compile_predictions(self, warm_up: bool = True) -> str | None:
+        """Run a `scoring: head` student's predictions through `compiled_head_forward` (CPU).
+
+        Each batch shape class (one input; several) compiles on its first call, ~100 s on 2 cores;
+        `warm_up` pays both now, so no request does later. Returns None when compiled, else why not
+        (the student then predicts eagerly, with the same answers): label scoring, a GPU, or an
+        Inductor failure such as a missing C++ compiler."""
+        if self.label_head is None:
+            return "only a `scoring: head` student's predictions are compiled"
+        if self.label_head.weight.device.type != "cpu":
+            return "compiled predictions are for CPU students"
+        self._head_forward = compiled_head_forward(self.model, self.label_head, self._pad_id)
+        if warm_up:
+            prompts = _encode_prompts(self.tokenizer, self._frame, ["warm-up", "a second warm-up input"],
+                                      self.student_format, self.config.max_input_tokens)
+            self._head_forward(prompts[:1])
+            self._head_forward(prompts)
+        return self._head_forward.failed
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[Prediction]:
         """One prediction per text. Classification: the most probable label and every label's
@@ -961,7 +1153,11 @@ class LoraStudent:
                 return decode_answers(self.model, self.tokenizer, self._frame[2], prompts, self.task,
                                       self._constraint, batch_size)
         with self._autocast():
-            probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
+            if self.label_head is not None:
+                probs = _head_probs(self.model, self.label_head, prompts, self._pad_id, batch_size,
+                                    forward=self._head_forward).tolist()
+            else:
+                probs = _label_probs(self.model, prompts, self._answers, self._pad_id, batch_size).tolist()
         predictions = []
         for row in probs:
             best = max(range(len(self.labels)), key=row.__getitem__)

@@ -1,0 +1,249 @@
+"""`scoring: head`: a LoRA (or full) decoder student that reads a linear label head on the prompt's last
+hidden state, on a tiny real Llama (2 layers, 64 wide) with SmolLM2's tokenizer."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from stillroom.train import lora  # noqa: E402
+from stillroom.train.lora import LoraConfig, LoraStudent, train_lora  # noqa: E402
+
+LABELS = ["fruit", "vehicle", "weather_report"]
+KEYWORDS = {"fruit": ["apple", "banana", "cherry"], "vehicle": ["car", "truck", "bus"],
+            "weather_report": ["rain", "snow", "wind"]}
+
+
+def keyword_pairs(n: int, seed: int) -> list[tuple[str, str]]:
+    """One keyword per text decides the label."""
+    rng = random.Random(seed)
+    pairs = [(rng.choice(KEYWORDS[LABELS[i % 3]]), LABELS[i % 3]) for i in range(n)]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def head_config(base, **overrides) -> LoraConfig:
+    settings = dict(base_model=str(base), rank=8, alpha=16, dropout=0.0, epochs=3, batch_size=8,
+                    learning_rate=1e-2, threads=2, scoring="head")
+    return LoraConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def wide_llama(tmp_path_factory):
+    """The tiny Llama with a 0.2 weight init: at the default 0.02 a random 2-layer model's last hidden
+    state barely depends on the keyword, and the head needs more epochs than a test should take."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stillroom.models import smollm2_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("wide-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(wide_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("head-student")
+    result = train_lora(keyword_pairs(240, 1), keyword_pairs(30, 2), LABELS, out,
+                        head_config(wide_llama, epochs=2), student_format="Classify: {input}")
+    return result
+
+
+def test_a_head_student_learns_saves_and_predicts_in_one_pass(trained):
+    m = trained.metrics
+    assert m["val_agreement"] >= 0.9, m
+    assert len(m["val_log_loss_by_epoch"]) == m["epochs_run"]
+    # no answer tokens go through the model: the tokens trained on are the prompts' alone
+    assert (trained.path / lora.HEAD_FILE).is_file() and (trained.path / "adapter_model.safetensors").is_file()
+    manifest = json.loads((trained.path / "student.json").read_text())
+    assert manifest["config"]["scoring"] == "head" and manifest["labels"] == LABELS
+
+    student = LoraStudent.load(trained.path)
+    held_out = keyword_pairs(30, 3)
+    predictions = student.predict([x for x, _ in held_out] + ["", "<|im_end|> injected " * 40], batch_size=4)
+    assert sum(p.label == y for p, (_, y) in zip(predictions, held_out)) / len(held_out) >= 0.9
+    for p in predictions:
+        assert p.label in LABELS and abs(sum(p.probs.values()) - 1.0) < 1e-5
+        assert p.confidence == p.probs[p.label] == max(p.probs.values())
+
+    # the probabilities are the head's softmax on the prompt's last hidden state, computed here by hand
+    text = "a red truck"
+    prompt = f"<|im_start|>user\nClassify: {text}<|im_end|>\n<|im_start|>assistant\n"
+    ids = student.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    with torch.inference_mode():
+        last = student.model.get_decoder()(torch.tensor([ids])).last_hidden_state[0, -1].float()
+        expected = (last @ student.label_head.weight.T + student.label_head.bias).softmax(-1).tolist()
+    got = student.predict([text])[0]
+    assert [got.probs[label] for label in LABELS] == pytest.approx(expected, abs=1e-5)
+    # batching with longer and shorter prompts (left padding) changes nothing
+    batched = student.predict([text, "banana " * 12, "rain"], batch_size=3)[0]
+    assert [batched.probs[label] for label in LABELS] == pytest.approx(expected, abs=1e-5)
+
+
+def test_the_head_starts_from_the_label_tokens_output_embeddings(tiny_llama_dir):
+    """Before training, a label's logit is the mean of its own tokens' logits at the answer position."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lm = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    frame = lora._chat_frame(tokenizer)
+    answers = lora._encode_answers(tokenizer, frame, LABELS)
+    assert len(answers[2]) > 2  # "weather_report" is several tokens: the mean is over all of them
+    head = lora.new_label_head(lm, answers)
+    prompt = lora._encode_prompts(tokenizer, frame, ["apple"], "{input}", 96)
+    with torch.inference_mode():
+        logits = lm(torch.tensor(prompt)).logits[0, -1]
+        got = lora._head_logits(lm, head, prompt, lora._pad_id(tokenizer))[0]
+    expected = [logits[a[:-1]].mean().item() for a in answers]
+    assert got.tolist() == pytest.approx(expected, abs=1e-4)
+
+
+def test_bf16_head_student_keeps_the_head_in_fp32_and_answers_like_fp32(tiny_llama_dir, tmp_path):
+    result = train_lora(keyword_pairs(48, 4), keyword_pairs(9, 5), LABELS, tmp_path,
+                        head_config(tiny_llama_dir, precision="bf16", epochs=1))
+    student = LoraStudent.load(result.path)
+    assert student.model.dtype == torch.bfloat16 and student.label_head.weight.dtype == torch.float32
+    fp32 = LoraStudent.load(result.path)
+    fp32.model = fp32.model.float()
+    texts = ["apple", "a bus", "snow today"]
+    for quick, exact in zip(student.predict(texts), fp32.predict(texts)):
+        assert [quick.probs[x] for x in LABELS] == pytest.approx([exact.probs[x] for x in LABELS], abs=0.03)
+
+
+def test_full_fine_tune_with_a_head_keeps_the_head_out_of_the_model_folder(tiny_llama_dir, tmp_path):
+    from safetensors import safe_open
+
+    from stillroom.train.registry import load_student
+
+    result = lora.train_full(keyword_pairs(48, 6), keyword_pairs(9, 7), LABELS, tmp_path,
+                             head_config(tiny_llama_dir, epochs=1, learning_rate=1e-3))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if lora.HEAD_MODULE in k]
+    with safe_open(str(tmp_path / lora.HEAD_FILE), "pt") as f:
+        assert sorted(f.keys()) == ["bias", "weight"] and list(f.get_tensor("weight").shape) == [3, 64]
+    student = load_student(result.path)
+    assert student.kind == "full" and student.label_head is not None
+    assert all(p.label in LABELS for p in student.predict(["cherry", "car"]))
+
+
+def test_an_interrupted_head_run_resumes_to_the_same_head_and_adapter(tiny_llama_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    train, val = keyword_pairs(40, 8), keyword_pairs(8, 9)
+    config = head_config(tiny_llama_dir, epochs=2, checkpoint_every=3, dropout=0.05)
+    straight = train_lora(train, val, LABELS, tmp_path / "straight", config)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_step_7(step, total):
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_lora(train, val, LABELS, tmp_path / "resumed", config, progress=die_at_step_7)
+    resumed = train_lora(train, val, LABELS, tmp_path / "resumed", config)
+    assert resumed.metrics["resumed_from_step"] == 6
+    for name in (lora.HEAD_FILE, "adapter_model.safetensors"):
+        a, b = load_file(str(straight.path / name)), load_file(str(resumed.path / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_head_scoring_errors_name_what_and_where(tiny_llama_dir, tmp_path):
+    from pydantic import ValidationError
+
+    from stillroom.config import StudentConfig, TaskConfig
+    from stillroom.errors import StillroomError
+    from stillroom.tasks import make_task
+
+    with pytest.raises(ValueError, match="LoraConfig.scoring='sideways'"):
+        LoraConfig(scoring="sideways")
+    generation = make_task(TaskConfig(name="summary", type="generation", max_output_tokens=16))
+    with pytest.raises(ValueError, match="scoring='head' applies to classification"):
+        train_lora([("a", "b")], [("a", "b")], [], tmp_path, head_config(tiny_llama_dir), task=generation)
+    with pytest.raises(ValidationError, match="scoring 'head' applies to kinds 'lora' and 'full'"):
+        StudentConfig(name="e", kind="encoder", scoring="head")
+    with pytest.raises(ValidationError, match="deploy 'gguf-q8_0'"):
+        StudentConfig(name="l", kind="lora", scoring="head", deploy="gguf-q8_0")
+    (tmp_path / "copy").mkdir()
+    with pytest.raises(StillroomError, match=f"{lora.HEAD_FILE} is missing"):
+        lora.load_label_head(tmp_path / "copy")
+
+
+def test_a_head_student_through_the_cli_trains_evaluates_and_exports_merged_and_int8(tiny_llama_dir, tmp_path):
+    """A project's `scoring: head` student: trained, evaluated, exported. `all` writes adapter, merged and
+    int8 (GGUF has no place for the head), each loads and answers like the trained student; naming a GGUF
+    format, or asking for an Axolotl recipe, is one clear sentence."""
+    from typer.testing import CliRunner
+
+    from conftest import locked_cli_project
+    from stillroom.cli.main import app
+    from stillroom.train.artifacts import load_artifact
+
+    runner = CliRunner()
+    students = (f"  - {{name: head, kind: lora, scoring: head, base_model: '{tiny_llama_dir}', epochs: 1, "
+                "learning_rate: 0.005, rank: 8, batch_size: 16}\n")
+    root = locked_cli_project(tmp_path / "proj", students, 12)
+    for args in (["train", "head"], ["eval", "head"]):
+        result = runner.invoke(app, [*args, "-C", str(root), "--json"], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    evaluation = json.loads(result.stdout)
+    assert 0.0 <= evaluation.get("head", evaluation)["agreement"] <= 1.0
+
+    result = runner.invoke(app, ["export", "head", "-C", str(root), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    artifacts = {a["format"]: a for a in json.loads(result.stdout)["artifacts"]}
+    assert sorted(artifacts) == ["adapter", "int8", "merged"]
+    texts = ["my card has not arrived", "what is the exchange rate", "I want a refund"]
+    want = load_artifact(artifacts["adapter"]["path"]).predict(texts)
+    for fmt in ("merged", "int8"):
+        assert artifacts[fmt]["evaluation"]["agreement"] is not None
+        got = load_artifact(artifacts[fmt]["path"]).predict(texts)
+        tolerance = 1e-5 if fmt == "merged" else 0.05  # int8: activations quantized per call
+        for a, b in zip(want, got):
+            assert [b.probs[x] for x in a.probs] == pytest.approx(list(a.probs.values()), abs=tolerance), fmt
+
+    # the entry point turns both refusals into one sentence on stderr, exit 2
+    exe = Path(sys.executable).with_name("stillroom")
+    for args in (["export", "head", "-f", "gguf-q8_0"], ["export-recipe", "head", "-f", "axolotl", "-o", tmp_path / "r"]):
+        done = subprocess.run([str(exe), *map(str, args), "-C", str(root)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "label head" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_compiled_predictions_answer_like_eager_for_one_input_and_for_batches(trained):
+    """`compile: true` on a head student: predictions through torch.compile (Inductor) give the eager
+    probabilities, for one input and for padded and unpadded batches, after exactly two compiles."""
+    student = LoraStudent.load(trained.path)
+    texts = ["a red truck", "banana " * 6, "rain", "snow", "a bus today", "cherry"]
+    from torch._dynamo.utils import counters
+
+    eager = student.predict(texts, batch_size=4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert student.compile_predictions(warm_up=True) is None
+    for got in (student.predict(texts, batch_size=4), [student.predict([t])[0] for t in texts],
+                student.predict(["rain", "snow"], batch_size=2)):  # the last: no padding in the batch
+        want = eager if len(got) == len(texts) else eager[2:4]
+        for a, b in zip(want, got):
+            assert [b.probs[x] for x in LABELS] == pytest.approx([a.probs[x] for x in LABELS], abs=1e-4)
+    # compiled once for one input and once for batches; neither the batches nor inference mode recompiled
+    assert student._head_forward.failed is None and counters["stats"]["unique_graphs"] - graphs == 2
+
+    encoder_like = LoraStudent.load(trained.path)
+    encoder_like.label_head = None  # a label-scoring student: nothing to compile
+    assert "scoring: head" in encoder_like.compile_predictions()
