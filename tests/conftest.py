@@ -134,6 +134,32 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wide_llama_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with a 0.2 weight init: with only LoRA weights (or a fresh label head) training,
+    the default 0.02 leaves the frozen tied embeddings and the last hidden state too small to move
+    in the steps a test can take."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from stillroom.models import smollm2_hf_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
+        # A wider init than the default 0.02: with only LoRA weights training, the frozen tied
+        # embeddings must be large enough for the output logits to be able to move at all.
+        initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    path = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory) -> Path:
     """A 2-layer, 32-wide BERT with MiniLM's real tokenizer and random weights, saved the plain Hugging
     Face way (no sentence-transformers files): sentence-transformers adds mean pooling when loading it."""

@@ -38,30 +38,10 @@ def head_config(base, **overrides) -> LoraConfig:
 
 
 @pytest.fixture(scope="module")
-def wide_llama(tmp_path_factory):
-    """The tiny Llama with a 0.2 weight init: at the default 0.02 a random 2-layer model's last hidden
-    state barely depends on the keyword, and the head needs more epochs than a test should take."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from stillroom.models import smollm2_hf_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("wide-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(wide_llama, tmp_path_factory):
+def trained(wide_llama_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("head-student")
     result = train_lora(keyword_pairs(240, 1), keyword_pairs(30, 2), LABELS, out,
-                        head_config(wide_llama, epochs=2), student_format="Classify: {input}")
+                        head_config(wide_llama_dir, epochs=2), student_format="Classify: {input}")
     return result
 
 

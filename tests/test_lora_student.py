@@ -34,25 +34,8 @@ def toy_pairs(n: int, seed: int, fillers: int = 5) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from stillroom.models import smollm2_hf_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, intermediate_size=128, max_position_embeddings=256,
-        # A wider init than the default 0.02: with only LoRA weights training, the frozen tied
-        # embeddings must be large enough for the output logits to be able to move at all.
-        initializer_range=0.2, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+def tiny_model(wide_llama_dir):
+    return wide_llama_dir
 
 
 @pytest.fixture(scope="module")
