@@ -49,7 +49,13 @@ def test_a_head_student_learns_saves_and_predicts_in_one_pass(trained):
     m = trained.metrics
     assert m["val_agreement"] >= 0.9, m
     assert len(m["val_log_loss_by_epoch"]) == m["epochs_run"]
-    # no answer tokens go through the model: the tokens trained on are the prompts' alone
+    # no answer tokens go through the model: the tokens trained on are the prompts' alone, every epoch
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(trained.path)
+    prompts = lora._encode_prompts(tokenizer, lora._chat_frame(tokenizer), [x for x, _ in keyword_pairs(240, 1)],
+                                   "Classify: {input}", 96)
+    assert m["train_tokens"] == m["epochs_run"] * sum(len(p) for p in prompts)
     assert (trained.path / lora.HEAD_FILE).is_file() and (trained.path / "adapter_model.safetensors").is_file()
     manifest = json.loads((trained.path / "student.json").read_text())
     assert manifest["config"]["scoring"] == "head" and manifest["labels"] == LABELS
