@@ -44,7 +44,20 @@ def hardware() -> dict:
             gpu = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    return {"cpus": os.cpu_count(), "gpu": gpu, "machine": platform.machine()}
+    return {"cpus": os.cpu_count(), "gpu": gpu, "machine": platform.machine(), **_cpu()}
+
+
+def _cpu() -> dict:
+    """The CPU's model and the vector/matrix extensions that decide CPU speed (AVX-512, bf16, AMX):
+    the machines these benchmarks run on are not always the same kind, and bf16 is only fast on some."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), None)
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
 
 
 def write_result(name: str, dataset: str, quick: bool, metrics: dict, goals: dict, config: dict,

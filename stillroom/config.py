@@ -296,8 +296,9 @@ class StudentConfig(_Strict):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     # lora on a CPU, Llama-architecture base: the training forward through torch.compile (train_speed
     # bench: 1.20x the tokens/s in fp32, 1.45x with bf16 weights; 3-22 s to compile). auto: runs of 200+ steps.
-    # true, with scoring 'head': predictions compiled too (~100 s per batch shape on first use; Banking77
-    # single-input latency: docs/training.md). Read from the trained student's folder.
+    # true, with scoring 'head': predictions compiled too (~100 s per batch shape on an AMX CPU, minutes on
+    # an AVX2 one; Banking77 single-input latency: docs/training.md). `stillroom serve` reads it from here
+    # as it is now and compiles before taking requests; eval and export read the trained student's folder.
     # How the model is computed, not what it learns: runs are reused across this setting.
     compile: Literal["auto"] | bool = "auto"
     # lora and full, classification: "labels" scores every label's tokens as the model's continuation of

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from stillroom.cpus import set_torch_threads, usable_cpus
+from stillroom.cpus import native_bf16, set_torch_threads, usable_cpus, warn_if_slow_bf16
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -34,3 +34,25 @@ def test_set_torch_threads_caps_the_default_and_honours_an_explicit_count():
         assert set_torch_threads(3) == 3 == torch.get_num_threads()  # `threads:` in the config wins
     finally:
         torch.set_num_threads(before)
+
+
+def test_native_bf16_agrees_with_the_cpus_own_flags_and_warns_only_without_it():
+    pytest.importorskip("torch")
+    import warnings
+    from pathlib import Path
+
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this system to check against")
+    native = native_bf16()
+    if native is None:
+        pytest.skip("this torch has no bf16 probes")
+    assert native == ("avx512_bf16" in flags or "amx_tile" in flags)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        warn_if_slow_bf16("training")
+    slow = [w for w in caught if "no native bf16" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "precision: fp32" in str(slow[0].message) and str(slow[0].message).startswith("training uses bf16")

@@ -233,3 +233,35 @@ def test_compiled_predictions_answer_like_eager_for_one_input_and_for_batches(tr
     encoder_like = LoraStudent.load(trained.path)
     encoder_like.label_head = None  # a label-scoring student: nothing to compile
     assert "scoring: head" in encoder_like.compile_predictions()
+
+
+def test_the_gateway_compiles_or_not_as_the_config_says_now_not_as_at_training(trained, tmp_path):
+    """`compile` changes how a head student predicts, not the model: serving reads it from stillroom.yaml
+    as it is now. A student trained with `compile: true` serves eagerly under `false`/`auto`, and one
+    trained without it is compiled, both batch shapes, before the gateway takes requests."""
+    import shutil
+
+    from stillroom.serve.app import _apply_compile_setting
+
+    folder = tmp_path / "compiled-at-training"
+    shutil.copytree(trained.path, folder)
+    manifest = json.loads((folder / "student.json").read_text())
+    manifest["config"]["compile"] = True
+    (folder / "student.json").write_text(json.dumps(manifest))
+    student = LoraStudent.load(folder)
+    assert student._head_forward is not None  # the folder's setting: a lazy compiled forward
+    for setting in (False, "auto"):
+        _apply_compile_setting(student, setting, "head")
+        assert student._head_forward is None
+    eager = student.predict(["a red truck", "rain"])
+
+    student = LoraStudent.load(trained.path)
+    assert student._head_forward is None
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    _apply_compile_setting(student, True, "head")
+    assert student._head_forward is not None and student._head_forward.failed is None
+    assert counters["stats"]["unique_graphs"] - graphs == 2  # paid now, not on the first requests
+    for a, b in zip(eager, student.predict(["a red truck", "rain"])):
+        assert [b.probs[x] for x in LABELS] == pytest.approx([a.probs[x] for x in LABELS], abs=1e-4)

@@ -253,8 +253,26 @@ def load_routing(project: Project, student: str | None = None) -> Routing:
         logger.warning("the evaluation of '%s' ran against an older eval lock; re-run `stillroom eval %s`",
                        name, name)
     model = load_student(deployed_model_path(project, name))
+    _apply_compile_setting(model, project.config.student(name).compile, name)
     model.predict(["warm-up"])  # load embeddings/weights now, not on the first user's request
     return Routing(name, model, threshold, gate_passed, bool(evaluation.get("stale")))
+
+
+def _apply_compile_setting(model, setting, name: str) -> None:
+    """A label-head student's predictions compiled or not as stillroom.yaml says *now*, not as it said
+    when the student was trained: `compile` changes how predictions are computed, not the model, so
+    changing it needs no retraining. `true` compiles both batch shapes before the gateway takes
+    requests (about 100 s each on an AMX CPU, several minutes on an AVX2-only one); anything else
+    serves eagerly. Other students have nothing to compile."""
+    if getattr(model, "label_head", None) is None or not hasattr(model, "compile_predictions"):
+        return
+    if setting is not True:
+        model.eager_predictions()
+        return
+    logger.info("compiling '%s''s predictions before serving (minutes on a CPU)", name)
+    failed = model.compile_predictions(warm_up=True)
+    if failed:
+        logger.warning("serving '%s' with eager predictions: %s", name, failed)
 
 
 # ---- the app ---------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from stillroom.cpus import set_torch_threads, usable_cpus
+from stillroom.cpus import set_torch_threads, usable_cpus, warn_if_slow_bf16
 from stillroom.train import distributed, fused_lora
 from stillroom.train.base import Prediction, TrainResult
 from stillroom.train.decoding import decode_answers, json_constraint
@@ -631,6 +631,7 @@ def _load_base(base_dir: Path, config: LoraConfig, device: str):
 
     if config.quantization != "4bit":
         if not config.full and stored_bf16(config.precision, device):
+            warn_if_slow_bf16("training")
             # Eager attention: the CPU's flash-attention backward is slow in bf16 (measured: 0.9 s of
             # a 5.8 s profile for 5 steps, against 0.12 s in fp32); eager trained 243 vs 202 tokens/s.
             return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16,
@@ -1102,6 +1103,8 @@ class LoraStudent:
         config = LoraConfig(**{**manifest["config"], "base_model": str(base_dir)})
         set_torch_threads(config.threads)
         dtype = inference_dtype(config.precision)
+        if dtype == torch.bfloat16:
+            warn_if_slow_bf16(f"the student in {path}")
         if manifest["kind"] == "full":  # a plain Hugging Face model folder
             model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dtype).eval()
         else:
@@ -1135,6 +1138,10 @@ class LoraStudent:
             self._head_forward(prompts[:1])
             self._head_forward(prompts)
         return self._head_forward.failed
+
+    def eager_predictions(self) -> None:
+        """Undo `compile_predictions` (and a `compile: true` folder's lazy one): predict eagerly."""
+        self._head_forward = None
 
     def predict(self, texts: list[str], batch_size: int = 16) -> list[Prediction]:
         """One prediction per text. Classification: the most probable label and every label's
