@@ -328,8 +328,7 @@ def main(quick: bool = False) -> None:
         own = [s for s in segments if s["trainer"] == name]
         return round(sum(s["tokens"] for s in own) / sum(s["seconds"] for s in own), 1)
 
-    names = [f"{t}-{p}" for p in precisions for t in ("stillroom", "stillroom", "trl")]
-    names[1::3] = [f"stillroom-{p}-eager" for p in precisions]
+    names = [n for p in precisions for n in (f"stillroom-{p}", f"stillroom-{p}-eager", f"trl-{p}")]
     rates = {name: rate(name) for name in names + ["products-floor-fp32"]}
     by_round = {(s["round"], s["trainer"]): s for s in segments}
 
