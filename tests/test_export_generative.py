@@ -21,6 +21,7 @@ if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("llama-cpp-python is not installed (pip install 'stillroom[gguf-serve]'): a GGUF student "
                 "cannot be loaded without it", allow_module_level=True)
 
+from conftest import GENERATION_LR, generation_pairs  # noqa: E402
 from stillroom.config import TaskConfig  # noqa: E402
 from stillroom.tasks import make_task  # noqa: E402
 from stillroom.train.artifacts import GGUFStudent, load_artifact  # noqa: E402
@@ -61,12 +62,6 @@ def extraction_pairs(n: int, seed: int) -> list[tuple[str, str]]:
     return pairs
 
 
-def generation_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    words = {"apple": "fruit", "car": "vehicle", "rain": "weather"}
-    rng = random.Random(seed)
-    return [(w, words[w]) for w in (rng.choice(list(words)) for _ in range(n))]
-
-
 def random_merged(tiny_llama_dir, out: Path, task, seed: int) -> Path:
     """An untrained student written as a merged export (random weights, a wide init so the logits
     are far from uniform): what `export_gguf` reads."""
@@ -84,10 +79,11 @@ def random_merged(tiny_llama_dir, out: Path, task, seed: int) -> Path:
     return out
 
 
-def trained_exports(tiny_llama_dir, root: Path, pairs, task, epochs: int, student_format: str) -> tuple[Path, Path]:
+def trained_exports(tiny_llama_dir, root: Path, pairs, task, epochs: int, student_format: str,
+                    learning_rate: float = 1e-2) -> tuple[Path, Path]:
     """A tiny student trained with the real recipe, then merged and written as GGUF f16."""
     config = LoraConfig(base_model=str(tiny_llama_dir), rank=8, alpha=16, dropout=0.0, epochs=epochs,
-                        batch_size=8, learning_rate=1e-2, threads=2, **FP32)
+                        batch_size=8, learning_rate=learning_rate, threads=2, **FP32)
     train, val = pairs
     result = train_lora(train, val, [], root / "run", config, student_format=student_format, task=task)
     merged = export_merged(result.path, root / "merged")
@@ -148,7 +144,7 @@ def generation_exports(tiny_llama_dir, tmp_path_factory):
     task = make_task(TaskConfig(name="echo", type="generation", max_output_tokens=8))
     return trained_exports(tiny_llama_dir, tmp_path_factory.mktemp("generation"),
                            (generation_pairs(240, 4), generation_pairs(30, 5)), task, epochs=3,
-                           student_format="{input}")
+                           student_format="{input}", learning_rate=GENERATION_LR)
 
 
 def test_gguf_generation_answers_equal_the_torch_students(generation_exports):

@@ -15,6 +15,7 @@ pytest.importorskip("xgrammar")
 
 from typer.testing import CliRunner  # noqa: E402
 
+from conftest import GENERATION_LR, generation_pairs  # noqa: E402
 from stillroom.config import TaskConfig  # noqa: E402
 from stillroom.tasks import make_task  # noqa: E402
 from stillroom.train.lora import LoraConfig, LoraStudent, train_full, train_lora  # noqa: E402
@@ -145,16 +146,10 @@ def test_extraction_student_trains_saves_and_loads(extraction_student):
     assert [p.label for p in student.predict(texts, batch_size=1)] == [p.label for p in predictions]
 
 
-def generation_pairs(n: int, seed: int) -> list[tuple[str, str]]:
-    words = {"apple": "fruit", "car": "vehicle", "rain": "weather"}
-    rng = random.Random(seed)
-    return [(w, words[w]) for w in (rng.choice(list(words)) for _ in range(n))]
-
-
 def test_generation_student_stops_at_end_of_turn_and_respects_the_budget(tiny_llama_dir, tmp_path):
     task = make_task(TaskConfig(name="echo", type="generation", max_output_tokens=8))
     config = LoraConfig(base_model=str(tiny_llama_dir), rank=8, alpha=16, dropout=0.0, epochs=3,
-                        batch_size=8, learning_rate=1e-2, threads=2)
+                        batch_size=8, learning_rate=GENERATION_LR, threads=2)
     result = train_lora(generation_pairs(240, 4), generation_pairs(30, 5), [], tmp_path, config, task=task)
     assert result.metrics["val_score"] >= 0.9, result.metrics  # ROUGE-L against the teacher's text
     student = LoraStudent.load(tmp_path)
