@@ -98,12 +98,18 @@ STUDENTS = [
     # round (labelled by the self-trained encoder) did not?
     {"name": "encoder_ce_st3", "kind": "encoder", "finetune": "classifier",
      "pseudo_labels": {"student": "encoder_ce_st2"}},
+    # The label-head LoRA on the base's first 8 and 12 of 30 layers (`layers`): 27% and 40% of the
+    # decoder's cost per token, for CPUs where the whole base misses a latency budget (AVX2-only: 118 ms
+    # eager per input for all 30). fp32: the CPUs this is for have no native bf16.
+    *({"name": f"lora_head_l{k}", "kind": "lora", "rank": 16, "learning_rate": 1e-3, "epochs": 5, "batch_size": 8,
+       "precision": "fp32", "scoring": "head", "layers": k} for k in (8, 12)),
 ]
 NEEDS_GEMMA = {"gemma", "ensemble_gemma"}
 # All 10,003 labels: 8,420 training rows, so each LoRA epoch (about 17 minutes on 2 cores) gives as many
 # optimizer steps as 10 epochs at 1,000 labels. 2 epochs, chosen on validation: a 3-epoch run (its
 # linear decay stretched over 3) ended lower, 91.8% against 92.4% (by epoch: 80.4, 91.1, 91.8%).
-ALL_LABELS = {"lora": {"epochs": 2}, "lora_head": {"epochs": 2}}
+ALL_LABELS = {"lora": {"epochs": 2}, "lora_head": {"epochs": 2}, "lora_head_l8": {"epochs": 2},
+              "lora_head_l12": {"epochs": 2}}
 # With every train row labelled there is no unlabelled input to self-train on.
 ONLY_WITH_UNLABELLED = {"encoder_st", "lora_st", "lora_st_s1", "ensemble_st", "encoder_st2", "ensemble_st2", "encoder_ce_st",
                         "ensemble_ce_st", "encoder_ce_st2", "ensemble_ce_st2", "encoder_ce_st2_s1",

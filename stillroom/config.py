@@ -305,6 +305,10 @@ class StudentConfig(_Strict):
     # the prompt; "head" reads a linear layer over the labels on the prompt's last hidden state: one
     # pass per input whatever the number of labels (Banking77's 77: see docs/training.md).
     scoring: Literal["labels", "head"] = "labels"
+    # lora and full: keep only the base's first N decoder layers (default: all). Cost per token, to train
+    # and to serve, falls in proportion; what it costs in agreement is measured in docs/training.md
+    # ("Depth": a head student on Banking77). For CPUs where the whole base is too slow per input.
+    layers: Annotated[int, Field(gt=0)] | None = None
     # The artifact that goes to production; the gate and the gateway use its own evaluation.
     deploy: Literal["fp32", "merged", "int8", "gguf-f16", "gguf-q8_0"] = "fp32"
     # The grid `stillroom sweep NAME` trains; None: the built-in default grid.
@@ -378,6 +382,9 @@ class StudentConfig(_Strict):
             raise ValueError("quantization '4bit' (QLoRA) applies to kind 'lora' only")
         if self.compile is True and (self.kind != "lora" or self.quantization):
             raise ValueError("compile: true applies to kind 'lora' trained on a CPU (not QLoRA)")
+        if self.layers is not None and self.kind not in ("lora", "full"):
+            raise ValueError(f"layers applies to kinds 'lora' and 'full' (an {self.kind} student uses its "
+                             "base whole)")
         if self.scoring == "head" and self.kind not in ("lora", "full"):
             raise ValueError(f"scoring 'head' applies to kinds 'lora' and 'full' (an {self.kind} student "
                              "always classifies with a head)")

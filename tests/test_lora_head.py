@@ -265,3 +265,59 @@ def test_the_gateway_compiles_or_not_as_the_config_says_now_not_as_at_training(t
     assert counters["stats"]["unique_graphs"] - graphs == 2  # paid now, not on the first requests
     for a, b in zip(eager, student.predict(["a red truck", "rain"])):
         assert [b.probs[x] for x in LABELS] == pytest.approx([a.probs[x] for x in LABELS], abs=1e-4)
+
+
+def test_a_shallower_student_keeps_only_its_first_layers_through_training_loading_and_export(
+        tiny_llama_dir, tmp_path):
+    """`layers: 1` on the 2-layer base: the adapter, the loaded student and the merged export all have one
+    decoder layer, that layer starts as the base's first, and the export answers like the trained student."""
+    from safetensors.torch import load_file
+
+    from stillroom.train.artifacts import load_artifact
+    from stillroom.train.export import export_adapter, export_merged
+
+    base = lora.load_base_lm(tiny_llama_dir, 1)
+    whole = lora.load_base_lm(tiny_llama_dir)
+    assert len(base.model.layers) == 1 and base.config.num_hidden_layers == 1 and len(whole.model.layers) == 2
+    ours, theirs = base.state_dict(), whole.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours) and set(theirs) - set(ours)  # layer 1 left out
+
+    result = train_lora(keyword_pairs(48, 10), keyword_pairs(9, 11), LABELS, tmp_path / "run",
+                        head_config(tiny_llama_dir, epochs=1, layers=1))
+    adapter = load_file(str(result.path / "adapter_model.safetensors"))
+    assert adapter and all(".layers.0." in k for k in adapter), sorted(adapter)[:4]
+    assert json.loads((result.path / "student.json").read_text())["config"]["layers"] == 1
+    student = LoraStudent.load(result.path)
+    assert len(student.model.get_decoder().layers) == 1
+
+    merged = export_merged(result.path, tmp_path / "merged")
+    assert json.loads((merged / "config.json").read_text())["num_hidden_layers"] == 1
+    texts = ["apple", "a blue bus", "snow and wind"]
+    for folder in (merged, export_adapter(result.path, tmp_path / "adapter")):
+        got = load_artifact(folder).predict(texts)
+        for a, b in zip(student.predict(texts), got):
+            assert [b.probs[x] for x in LABELS] == pytest.approx([a.probs[x] for x in LABELS], abs=1e-5)
+
+    # a full fine-tune of the cut base is saved as a one-layer model folder, and loads as one
+    full = lora.train_full(keyword_pairs(16, 12), keyword_pairs(6, 13), LABELS, tmp_path / "full",
+                           head_config(tiny_llama_dir, epochs=1, learning_rate=1e-3, layers=1))
+    assert json.loads((full.path / "config.json").read_text())["num_hidden_layers"] == 1
+    assert len(load_artifact(full.path).model.get_decoder().layers) == 1
+
+
+def test_a_depth_the_base_does_not_have_is_one_clear_error(tiny_llama_dir, tmp_path):
+    from pydantic import ValidationError
+
+    from stillroom.config import StudentConfig
+    from stillroom.train.runner import run_config
+
+    with pytest.raises(ValueError, match="LoraConfig.layers=0: expected None or an integer >= 1"):
+        LoraConfig(layers=0)
+    with pytest.raises(ValueError, match=r"LoraConfig.layers=3: the base model .* has only 2 decoder layers"):
+        train_lora(keyword_pairs(8, 1), keyword_pairs(3, 2), LABELS, tmp_path, head_config(tiny_llama_dir, layers=3))
+    assert not (tmp_path / "student.json").exists()
+    with pytest.raises(ValidationError, match="layers applies to kinds 'lora' and 'full'"):
+        StudentConfig(name="e", kind="encoder", layers=4)
+    # left out of a run's fingerprint unless set: runs recorded before `layers` existed are still reused
+    assert "layers" not in run_config(StudentConfig(name="l", kind="lora"))
+    assert run_config(StudentConfig(name="l", kind="lora", layers=8))["layers"] == 8

@@ -131,7 +131,7 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stillroom.train.lora import KNOWN_BASE_MODELS, resolve_base_model
+    from stillroom.train.lora import KNOWN_BASE_MODELS, load_base_lm, resolve_base_model
 
     run_dir = Path(run_dir)
     manifest = json.loads((run_dir / "student.json").read_text(encoding="utf-8"))
@@ -140,7 +140,8 @@ def export_merged(run_dir: Path, out_dir: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(run_dir, dtype=torch.float32)
     else:
         base_dir = resolve_base_model(base["name"] if base["name"] in KNOWN_BASE_MODELS else base["path"])
-        model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        # the base cut to the student's depth (`layers`); the merged folder's config then says so itself
+        model = load_base_lm(base_dir, manifest["config"].get("layers"), dtype=torch.float32)
         with _quiet():
             model = PeftModel.from_pretrained(model, run_dir).merge_and_unload()
     # The embedded base was converted from a GGUF file and its config still says so, which makes

@@ -48,6 +48,9 @@ def _lora_student(project, name: str):
     if student.scoring == "head":
         raise InteropError(f"students.{name} reads a label head (scoring: head), which Axolotl and Unsloth "
                            "do not train; recipes and adapter imports are for label-scoring lora students")
+    if student.layers is not None:
+        raise InteropError(f"students.{name} keeps only {student.layers} of its base's layers (layers), which "
+                           "Axolotl and Unsloth recipes do not cut; leave layers out for an external run")
     return student
 
 

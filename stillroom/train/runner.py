@@ -33,7 +33,7 @@ def _student_args(student: StudentConfig):
                       batch_size=student.batch_size, seed=student.seed,
                       full=student.kind == "full", quantization=student.quantization,
                       checkpoint_every=student.checkpoint_every, precision=student.precision,
-                      compile=student.compile, scoring=student.scoring)
+                      compile=student.compile, scoring=student.scoring, layers=student.layers)
 
 
 def student_format(project: Project) -> str:
@@ -69,10 +69,10 @@ def training_data(project: Project) -> tuple[list[tuple[str, str]], list[tuple[s
 def run_config(student: StudentConfig) -> dict:
     """The config a run records and is fingerprinted by: the student without its sweep grid
     (editing the grid does not change what a plain `stillroom train` produces) or `compile`. `members`,
-    `pseudo_labels` and `scoring` (other than "labels") only when set, so runs recorded before those
+    `pseudo_labels`, `layers` and `scoring` (other than "labels") only when set, so runs recorded before those
     fields existed keep their fingerprint;
     `base_model` only when the kind has one (not an ensemble)."""
-    unset = {f for f in ("members", "pseudo_labels", "base_model") if getattr(student, f) is None}
+    unset = {f for f in ("members", "pseudo_labels", "base_model", "layers") if getattr(student, f) is None}
     if student.scoring == "labels":  # the default, left out like the fields above (runs before it existed)
         unset.add("scoring")
     # compile changes how the forward is computed, not the model (the same to rounding): left out
