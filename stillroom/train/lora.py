@@ -231,9 +231,6 @@ def resolve_base_model(name_or_path: str) -> Path:
     )
 
 
-# --- prompts -----------------------------------------------------------------------------------
-
-
 def base_config(base_dir: Path, layers: int | None = None):
     """The base's transformers config, cut to its first `layers` decoder layers when given.
 
@@ -268,6 +265,9 @@ def load_base_lm(base_dir: Path, layers: int | None = None, **kwargs):
         return AutoModelForCausalLM.from_pretrained(base_dir, config=base_config(base_dir, layers), **kwargs)
     finally:
         hf_logging.set_verbosity(verbosity)
+
+
+# --- prompts -----------------------------------------------------------------------------------
 
 
 def _chat_frame(tokenizer) -> tuple[list[int], list[int], int]:
