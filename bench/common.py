@@ -11,6 +11,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 DATASETS = Path(os.environ.get("STILLROOM_DATASETS", ROOT.parent / "shared" / "datasets"))
+HOSTING_PER_HOUR = 0.10  # $/hour for a student replica: a small 2-core CPU instance (`costs.student_hosting_per_hour`)
+LATENCY_SAMPLES = 50  # single-input calls timed per student, after one warm-up
 
 
 def dataset_dir(name: str) -> Path | None:
@@ -58,6 +60,102 @@ def _cpu() -> dict:
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
     return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def mean_tokens(texts: list[str]) -> float:
+    """Mean length in SmolLM2 tokens: one unit for every student's cost per token, whatever its own
+    tokenizer (the encoder students' WordPiece counts differently)."""
+    import statistics
+
+    from transformers import AutoTokenizer
+
+    from stillroom.models import smollm2_hf_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
+    return statistics.mean(len(tok(t)["input_ids"]) for t in texts) if texts else 0.0
+
+
+def serving(evaluation: dict, size_bytes: int, inputs: list[str], outputs: list[str] | None = None,
+            latency: dict | None = None) -> dict:
+    """What a student costs to serve, from an evaluation: single-input latency p50/p95 (the
+    evaluation's `latency_ms`, or `latency` measured by the caller), batched throughput on the eval
+    split, size on disk, and cost per million tokens at HOSTING_PER_HOUR when fully used. `outputs`
+    (the student's answers, for extraction and generation) adds their tokens to the per-token cost,
+    as `stillroom.economics` blends input and output tokens."""
+    per_s = evaluation["throughput"]["inputs_per_s"]
+    latency = latency or evaluation.get("latency_ms") or {}
+    per_input_usd = HOSTING_PER_HOUR / (per_s * 3600)
+    tokens_in = mean_tokens(inputs[:500])
+    out = {
+        "latency_ms_p50": round(latency["p50"], 1) if latency.get("p50") is not None else None,
+        "latency_ms_p95": round(latency["p95"], 1) if latency.get("p95") is not None else None,
+        "throughput_inputs_per_s": round(per_s, 2),
+        "size_on_disk_mb": round(size_bytes / 1e6, 1),
+        "input_tokens_mean": round(tokens_in, 1),
+        "cost_per_million_input_tokens_usd": round(per_input_usd / tokens_in * 1e6, 4),
+    }
+    if outputs is not None:
+        tokens_out = mean_tokens(outputs[:500])
+        out["output_tokens_mean"] = round(tokens_out, 1)
+        out["cost_per_million_tokens_usd"] = round(per_input_usd / (tokens_in + tokens_out) * 1e6, 4)
+    return out
+
+
+def recorded_outputs(project, run_id: int) -> dict[str, str]:
+    """The answers an evaluation recorded for a run, by input text."""
+    from sqlalchemy import select
+
+    from stillroom.store import tables as T
+
+    with project.store.engine.connect() as conn:
+        rows = conn.execute(
+            select(T.examples.c.input, T.predictions.c.label)
+            .join(T.predictions, T.predictions.c.example_id == T.examples.c.id)
+            .where(T.predictions.c.run_id == run_id)
+        ).all()
+    return {text: label for text, label in rows}
+
+
+def lora_size_bytes(run: dict) -> int:
+    """What a LoRA student needs on disk to answer: its run folder (adapter, frame, head) plus the base
+    model's folder it loads (SmolLM2 from the stillroom-models package)."""
+    from stillroom.models import smollm2_hf_dir
+
+    return folder_bytes(run["artifact_path"]) + folder_bytes(smollm2_hf_dir())
+
+
+def deployed_forms(project, name: str, inputs: list[str], outputs: list[str] | None = None,
+                   quality: tuple[str, ...] = ()) -> dict:
+    """Export a LoRA student's newest run as int8 and GGUF Q8_0 and re-evaluate each on the locked eval
+    split, as `stillroom export` does: the artifact's agreement with the teacher, its change against
+    the fp32 student (points, paired bootstrap interval, answers that changed), the gate's verdict,
+    the `quality` keys of its scorecard, and what it costs to serve (`serving`; output tokens are
+    the fp32 student's, which the artifact's answers match but for the flips). GGUF needs
+    llama-cpp-python; without it the entry says so instead."""
+    from stillroom.train.export import export_student
+
+    out = {}
+    for record in export_student(project, name, ("int8", "gguf-q8_0")):
+        evaluation = record.get("evaluation")
+        if evaluation is None:
+            out[record["format"]] = {"size_on_disk_mb": round(record["size_bytes"] / 1e6, 1),
+                                     "evaluation_skipped": record.get("evaluation_skipped")}
+            continue
+        vs = evaluation["vs_fp32"]
+        out[record["format"]] = {
+            "agreement": round(evaluation["agreement"], 4),
+            "agreement_delta_points": vs["agreement_delta_points"],
+            "agreement_loss_ci_points": vs["agreement_loss_ci"],
+            "changed_answers": vs["label_flips"], "changed_rate": vs["flip_rate"],
+            **{k: evaluation["vs_teacher"].get(k) for k in quality},
+            "gate_passed": evaluation["gate"]["passed"],
+            **serving(evaluation, record["size_bytes"], inputs, outputs),
+        }
+    return out
 
 
 def write_result(name: str, dataset: str, quick: bool, metrics: dict, goals: dict, config: dict,

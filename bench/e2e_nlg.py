@@ -20,7 +20,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench.common import dataset_dir, write_result
+from bench.common import (HOSTING_PER_HOUR, LATENCY_SAMPLES, dataset_dir, deployed_forms, lora_size_bytes,
+                          recorded_outputs, serving, write_result)
 
 
 def references(path: Path) -> dict[str, list[str]]:
@@ -54,14 +55,12 @@ def main(quick: bool = False) -> None:
     if data is None:
         return
     import yaml
-    from sqlalchemy import select
 
     from stillroom.capture.importers import import_file
     from stillroom.curate.lock import lock_eval
     from stillroom.curate.split import split_project
     from stillroom.evaluate.evaluator import evaluate_student
     from stillroom.project import Project, init_project
-    from stillroom.store import tables as T
     from stillroom.train.runner import train_student
 
     train_refs, test_refs = references(data / "dev.csv"), references(data / "test_with_refs.csv")
@@ -92,15 +91,15 @@ def main(quick: bool = False) -> None:
         run = train_student(project, "lora")
         seconds["train"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        evaluation = evaluate_student(project, "lora")
+        evaluation = evaluate_student(project, "lora", latency_samples=LATENCY_SAMPLES)
         seconds["eval_and_calibrate"] = round(time.perf_counter() - t, 2)
-        with project.store.engine.connect() as conn:  # the student's outputs, as recorded by eval
-            rows = conn.execute(
-                select(T.examples.c.input, T.predictions.c.label)
-                .join(T.predictions, T.predictions.c.example_id == T.examples.c.id)
-                .where(T.predictions.c.run_id == run["id"])
-            ).all()
-        outputs = {inp: label for inp, label in rows}
+        outputs = recorded_outputs(project, run["id"])  # the student's answers, as recorded by eval
+        inputs = list(outputs)
+        fp32 = serving(evaluation, lora_size_bytes(run), inputs, [outputs[i] for i in inputs])
+        t = time.perf_counter()
+        deployed = deployed_forms(project, "lora", inputs, [outputs[i] for i in inputs],
+                                  quality=("rouge_l", "bleu", "chrf"))
+        seconds["export_and_reevaluate"] = round(time.perf_counter() - t, 2)
         project.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -115,7 +114,9 @@ def main(quick: bool = False) -> None:
         "judge": "skipped: no judge backend reachable from this machine" if not os.environ.get(
             "STILLROOM_BENCH_JUDGE_URL") else "see the judge section of the report",
         "ms_per_input": 1000.0 / evaluation["throughput"]["inputs_per_s"],
+        "serving": fp32, "deployed_forms": deployed,
         "train_tokens_per_s": run["metrics"].get("train_tokens_per_s"),
+        "train_seconds": run["metrics"].get("train_seconds"),
         "val_score": run["metrics"].get("val_agreement"),
         "train_examples": run["metrics"].get("train_examples"),
         "stage_seconds": seconds,
@@ -126,10 +127,17 @@ def main(quick: bool = False) -> None:
                           "68.50 and BLEU 65.93 on this test set, trained on the 42k-row train set, not the "
                           "547 dev MRs used here (Dusek, Novikova and Rieser 2018, Findings of the E2E NLG "
                           "Challenge)"},
-        config={"student": config["students"][0], "train_mrs": n_train, "test_mrs": n_test, "split": split.total},
+        config={"student": config["students"][0], "train_mrs": n_train, "test_mrs": n_test, "split": split.total,
+                "hosting_per_hour_usd": HOSTING_PER_HOUR,
+                "latency": f"batch 1, {LATENCY_SAMPLES} eval inputs (20 for exports), after one warm-up",
+                "size": "fp32: the run folder plus the SmolLM2 base folder it loads; exports: the exported folder",
+                "deployed_forms": "their rouge_l/bleu/chrf are against the one recorded teacher answer"},
         seconds=time.perf_counter() - started,
         summary=(f"LoRA generation student on {metrics['train_examples']} MRs: multi-reference ROUGE-L "
                  f"{multi['rouge_l']:.3f}, BLEU {multi['bleu']:.1f}, chrF {multi['chrf']:.1f}; "
-                 f"{metrics['ms_per_input']:.0f} ms/input"),
+                 f"p50 {fp32['latency_ms_p50']} ms; "
+                 + "; ".join(f"{fmt} " + (f"ROUGE-L vs teacher {d['rouge_l']:.3f}, {d['agreement_delta_points']:+.2f} pts, "
+                                          f"p50 {d['latency_ms_p50']} ms" if "agreement" in d else "not evaluated")
+                             for fmt, d in deployed.items())),
     )
     print(json.dumps(metrics, indent=1, default=str))

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import dataset_dir, write_result
+from bench.common import (HOSTING_PER_HOUR, LATENCY_SAMPLES, dataset_dir, deployed_forms, lora_size_bytes, recorded_outputs, serving,
+                          write_result)
 
 SLOTS = ("people", "time", "date", "first_name", "last_name")
 SCHEMA = {"type": "object", "properties": {s: {"type": "string"} for s in SLOTS}, "additionalProperties": False}
@@ -87,8 +88,15 @@ def main(quick: bool = False) -> None:
         run = train_student(project, "lora")
         seconds["train"] = round(time.perf_counter() - t, 2)
         t = time.perf_counter()
-        evaluation = evaluate_student(project, "lora")
+        evaluation = evaluate_student(project, "lora", latency_samples=LATENCY_SAMPLES)
         seconds["eval_and_calibrate"] = round(time.perf_counter() - t, 2)
+        outputs = recorded_outputs(project, run["id"])
+        inputs = list(outputs)
+        fp32 = serving(evaluation, lora_size_bytes(run), inputs, [outputs[i] for i in inputs])
+        t = time.perf_counter()
+        deployed = deployed_forms(project, "lora", inputs, [outputs[i] for i in inputs],
+                                  quality=("field_f1", "exact_match", "validity"))
+        seconds["export_and_reevaluate"] = round(time.perf_counter() - t, 2)
         project.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,7 +112,9 @@ def main(quick: bool = False) -> None:
         "agreement_at_threshold": evaluation["at_threshold"]["student_agreement_on_covered"],
         "eval_inputs_per_s": evaluation["throughput"]["inputs_per_s"],
         "ms_per_input": 1000.0 / evaluation["throughput"]["inputs_per_s"],
+        "serving": fp32, "deployed_forms": deployed,
         "train_tokens_per_s": run["metrics"].get("train_tokens_per_s"),
+        "train_seconds": run["metrics"].get("train_seconds"),
         "val_score": run["metrics"].get("val_agreement"),
         "train_examples": run["metrics"].get("train_examples"), "eval_examples": vs.get("n"),
         "train_inputs_excluded_as_eval_copies": excluded, "stage_seconds": seconds,
@@ -114,10 +124,15 @@ def main(quick: bool = False) -> None:
         goals={"schema_valid_rate": "1.0 (schema-constrained decoding)",
                "slot_f1": "reported (the issue sets no number; Span-ConveRT reports ~0.9 span F1 on full data)"},
         config={"student": config["students"][0], "train_rows": n_train, "test_rows": n_test,
-                "split": split.total, "target_agreement": target},
+                "split": split.total, "target_agreement": target, "hosting_per_hour_usd": HOSTING_PER_HOUR,
+                "latency": f"batch 1, {LATENCY_SAMPLES} eval inputs (20 for exports), after one warm-up",
+                "size": "fp32: the run folder plus the SmolLM2 base folder it loads; exports: the exported folder"},
         seconds=time.perf_counter() - started,
         summary=(f"LoRA extraction student on {metrics['train_examples']} utterances: slot F1 "
                  f"{(metrics['slot_f1'] or 0):.3f}, exact match {(metrics['exact_match'] or 0):.3f}, schema-valid "
-                 f"{(metrics['schema_valid_rate'] or 0):.1%}, {metrics['ms_per_input']:.0f} ms/input"),
+                 f"{(metrics['schema_valid_rate'] or 0):.1%}, p50 {fp32['latency_ms_p50']} ms; "
+                 + "; ".join(f"{fmt} " + (f"F1 {d['field_f1']:.3f}, {d['agreement_delta_points']:+.2f} pts, "
+                                          f"p50 {d['latency_ms_p50']} ms" if "agreement" in d else "not evaluated")
+                             for fmt, d in deployed.items())),
     )
     print(json.dumps(metrics, indent=1, default=str))

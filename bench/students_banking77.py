@@ -18,12 +18,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, banking77_project, dataset_dir, write_result
+from bench.common import (HOSTING_PER_HOUR, LATENCY_SAMPLES, RESULTS, banking77_project, dataset_dir, folder_bytes,
+                          serving, write_result)
 
 STUDENTS = [
     {"name": "encoder", "kind": "encoder"},
@@ -121,8 +121,6 @@ ONLY_ALL_LABELS = {"encoder_ft_s1", "encoder_ft_s2", "ensemble_seeds", "encoder_
                    "ensemble_ce_seeds"} | NEEDS_GEMMA
 PARTS = ("1000", "all")  # `bench/run students_banking77 --part all` re-runs one size, keeping the other
 PRUNE_SAMPLE = 160  # eval inputs scored both ways (pruned and every label) for the LoRA students
-HOSTING_PER_HOUR = 0.10
-LATENCY_SAMPLES = 50
 
 
 def gemma_installed() -> bool:
@@ -139,10 +137,6 @@ def gemma_installed() -> bool:
         return False
 
 
-def folder_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
-
-
 def measure(project, name: str, run: dict, evaluation: dict, eval_inputs: list[str]) -> dict:
     from stillroom.evaluate.evaluator import load_run_student
 
@@ -154,23 +148,14 @@ def measure(project, name: str, run: dict, evaluation: dict, eval_inputs: list[s
         student.predict([text])
         latencies.append((time.perf_counter() - t) * 1000)
     latencies.sort()
-    per_s = evaluation["throughput"]["inputs_per_s"]
-    from stillroom.models import smollm2_hf_dir
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(smollm2_hf_dir())
-    tokens_per_input = statistics.mean(len(tok(t)["input_ids"]) for t in eval_inputs[:500])
+    latency = {"p50": latencies[len(latencies) // 2], "p95": latencies[int(0.95 * (len(latencies) - 1))]}
     out = {
         "agreement": round(evaluation["agreement"], 4),
         "macro_f1": round(evaluation["vs_teacher"]["macro_f1"], 4),
         "val_agreement": run["metrics"].get("val_agreement"),
         "train_seconds": run["metrics"].get("train_seconds"),
         "train_tokens_per_s": run["metrics"].get("train_tokens_per_s"),
-        "latency_ms_p50": round(latencies[len(latencies) // 2], 1),
-        "latency_ms_p95": round(latencies[int(0.95 * (len(latencies) - 1))], 1),
-        "throughput_inputs_per_s": round(per_s, 1),
-        "size_on_disk_mb": round(folder_bytes(run["artifact_path"]) / 1e6, 1),
-        "cost_per_million_input_tokens_usd": round(HOSTING_PER_HOUR / (per_s * 3600) / tokens_per_input * 1e6, 4),
+        **serving(evaluation, folder_bytes(run["artifact_path"]), eval_inputs, latency=latency),
         "coverage_at_99": round(evaluation["calibration"]["coverage"], 4),
     }
     if hasattr(student, "_answers") and getattr(student, "label_head", None) is None:  # label scoring
