@@ -235,6 +235,46 @@ def test_compiled_predictions_answer_like_eager_for_one_input_and_for_batches(tr
     assert "scoring: head" in encoder_like.compile_predictions()
 
 
+def test_the_last_layer_runs_at_the_read_position_only_and_gives_the_whole_pass_state(trained, tiny_llama_dir):
+    """A head reads one position, so a Llama decoder's last layer computes its query, attention output
+    and MLP there alone (keys and values everywhere): the logits equal the whole pass's for a padded
+    batch and one input, with and without grouped-query heads. Another architecture (Gemma 3) runs
+    whole."""
+    import torch
+    from transformers import AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig
+
+    def mlp_widths(decoder):
+        widths = []
+        decoder.layers[-1].mlp.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+        return widths
+
+    student = LoraStudent.load(trained.path)
+    prompts = lora._encode_prompts(student.tokenizer, student._frame, ["a red truck", "banana " * 6, "rain"],
+                                   student.student_format, 96)
+    widths = mlp_widths(student.model.get_decoder())
+    with torch.inference_mode():
+        for rows in (prompts, prompts[:1], prompts[2:]):
+            short = lora._head_logits(student.model, student.label_head, rows, student._pad_id)
+            whole = lora._head_logits(student.model, student.label_head, rows, student._pad_id, one_position=False)
+            assert torch.allclose(short, whole, atol=1e-5), (short - whole).abs().max()
+    assert widths[0::2] == [1, 1, 1] and widths[1::2] == [max(len(p) for p in r) for r in (prompts, prompts[:1], prompts[2:])]
+
+    grouped = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()  # 4 query heads over 2 key/value heads
+    tokenizer = student.tokenizer
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=4, max_position_embeddings=256)).eval()
+    for lm, short_last in ((grouped, True), (gemma, False)):
+        decoder = lm.get_decoder()
+        widths = mlp_widths(decoder)
+        inputs = lora._left_padded(prompts, student._pad_id, "cpu")
+        with torch.inference_mode():
+            short = lora._final_states(decoder, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"])
+            whole = decoder(**inputs, use_cache=False).last_hidden_state[:, -1]
+        assert torch.allclose(short, whole, atol=1e-5), (short - whole).abs().max()
+        assert widths[0] == (1 if short_last else inputs["input_ids"].shape[1])
+
+
 def test_the_gateway_compiles_or_not_as_the_config_says_now_not_as_at_training(trained, tmp_path):
     """`compile` changes how a head student predicts, not the model: serving reads it from stillroom.yaml
     as it is now. A student trained with `compile: true` serves eagerly under `false`/`auto`, and one

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 from stillroom.errors import StillroomError
 
-__all__ = ["Decoded", "greedy_decode", "decode_answers", "json_constraint", "JsonConstraint", "sorted_schema"]
+__all__ = ["Decoded", "greedy_decode", "decode_answers", "json_constraint", "JsonConstraint", "sorted_schema",
+           "cache_arg", "returned_cache"]
 
 XGRAMMAR_INSTALL = "pip install --no-deps xgrammar apache-tvm-ffi"
 # Extra tokens a record may take after its budget ran out, spent closing what is open.
@@ -102,6 +103,21 @@ class JsonConstraint:
         return [self.xgr.GrammarMatcher(self.grammar) for _ in range(n)]
 
 
+def cache_arg(decoder, cache) -> dict:
+    """The decoder's KV-cache keyword for `cache`: `cache` in transformers 5.23 and later, which
+    still accept `past_key_values` with a warning until 5.40; `past_key_values` before."""
+    import inspect
+
+    params = inspect.signature(decoder.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def returned_cache(out):
+    """The KV cache a decoder call returned (`cache`, or `past_key_values` before transformers 5.23)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def greedy_decode(lm, prompts: list[list[int]], eot_id: int, pad_id: int, max_new_tokens: int,
                   constraint: JsonConstraint | None = None, batch_size: int = 16) -> list[Decoded]:
     """Greedy answers for token-id prompts, batched over length-sorted, left-padded prompts."""
@@ -132,7 +148,7 @@ def _decode_batch(lm, prompts, eot_id, pad_id, max_new_tokens, constraint) -> li
     ids, mask = ids.to(dev), mask.to(dev)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+    cache, hidden = returned_cache(out), out.last_hidden_state[:, -1]
     next_pos = mask.sum(1)
 
     matchers = constraint.matchers(n) if constraint else None
@@ -176,8 +192,8 @@ def _decode_batch(lm, prompts, eot_id, pad_id, max_new_tokens, constraint) -> li
         feed = torch.tensor([pad_id if done[r] else choice_list[r] for r in range(n)], device=dev)[:, None]
         mask = torch.cat([mask, torch.ones((n, 1), dtype=torch.long, device=dev)], 1)
         out = decoder(input_ids=feed, attention_mask=mask, position_ids=next_pos[:, None],
-                      past_key_values=cache, use_cache=True)
-        cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+                      use_cache=True, **cache_arg(decoder, cache))
+        cache, hidden = returned_cache(out), out.last_hidden_state[:, -1]
         next_pos = next_pos + 1
     return [Decoded(tokens[r], logprob[r], count[r], ended[r]) for r in range(n)]
 
